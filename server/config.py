@@ -1,0 +1,106 @@
+"""Server configuration: one dataclass, read from a TOML file and overridden by CLI flags.
+
+Example impasto.toml:
+
+    [server]
+    host = "127.0.0.1"
+    port = 50051
+    models_dir = "/srv/models"
+
+    [limits]
+    max_pixels = 1048576
+    max_steps = 150
+
+    [scheduler]
+    max_batch_size = 8
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 150
+    max_images_per_request: int = 8
+    max_queue_length: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_prompt_chars: int = 20_000
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"limits.{f.name} must be positive, got {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Images (sequences) whose steps share one UNet call. 1 turns batching off.
+    max_batch_size: int = 8
+    # How long the loop waits for more requests before starting an idle batch, in ms.
+    admission_wait_ms: float = 0.0
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"scheduler.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.admission_wait_ms < 0:
+            raise ValueError(f"scheduler.admission_wait_ms must be >= 0, got {self.admission_wait_ms}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    models_dir: Path | None = None
+    default_model: str = ""
+    include_embedded_model: bool = True
+    limits: Limits = field(default_factory=Limits)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self) -> "ServerConfig":
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"server.port must be in 0..65535, got {self.port}")
+        self.limits.validate()
+        self.scheduler.validate()
+        return self
+
+
+def _section(cls, data: dict[str, Any], where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**data)
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
+    """Defaults, then the TOML file, then non-None overrides (CLI flags), validated."""
+    config = ServerConfig()
+    if path is not None:
+        data = tomllib.loads(Path(path).read_text())
+        unknown = set(data) - {"server", "limits", "scheduler"}
+        if unknown:
+            raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
+        server = dict(data.get("server", {}))
+        if "models_dir" in server:
+            server["models_dir"] = Path(server["models_dir"])
+        config = replace(
+            _section(ServerConfig, server, f"{path} [server]"),
+            limits=_section(Limits, data.get("limits", {}), f"{path} [limits]"),
+            scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{path} [scheduler]"),
+        )
+    limit_overrides = {k: v for k, v in overrides.items() if k in {f.name for f in fields(Limits)} and v is not None}
+    sched_overrides = {k: v for k, v in overrides.items() if k in {f.name for f in fields(SchedulerConfig)} and v is not None}
+    top = {k: v for k, v in overrides.items() if k in {f.name for f in fields(ServerConfig)} and v is not None}
+    config = replace(
+        config,
+        **top,
+        limits=replace(config.limits, **limit_overrides),
+        scheduler=replace(config.scheduler, **sched_overrides),
+    )
+    return config.validate()

@@ -1,0 +1,132 @@
+"""The core's front door: what the rpc servicers call. Async, and free of protobuf.
+
+`generate(spec)` validates, applies backpressure, loads the model if needed, hands the request
+to the step loop and yields its events. Image encoding happens here in a thread pool: off the
+event loop and off the step loop. When the caller stops iterating (client cancelled or went
+away), the request is aborted and leaves the batch at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from impasto import __version__
+from impasto.backends.availability import all_backend_status
+from impasto.config import ServerConfig
+
+from .errors import InvalidArgument, NotFound, QueueFull
+from .image_encoding import MIME_TYPES, encode_image
+from .model_registry import ModelRegistry
+from .request_state import RequestState
+from .samplers import SAMPLERS, get_sampler
+from .spec import Done, Event, Failed, GenerationSpec, ImageReady, Started
+from .step_loop import DecodedImage, StepLoop
+from .validation import resolve_spec
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class ImageEngine:
+    def __init__(self, config: ServerConfig, registry: ModelRegistry | None = None):
+        self.config = config
+        self.registry = registry or ModelRegistry(config.models_dir, config.default_model, config.include_embedded_model)
+        self.step_loop = StepLoop(config.scheduler.max_batch_size)
+        self._encoder_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="impasto-encode")
+        self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-load")
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def start(self, preload_default: bool = True) -> None:
+        if preload_default:
+            self.registry.load("")
+        self.step_loop.start()
+
+    def stop(self) -> None:
+        self.step_loop.stop()
+        self._encoder_pool.shutdown(wait=False, cancel_futures=True)
+        self._loader_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- generation -------------------------------------------------------------------------
+    async def generate(self, spec: GenerationSpec, request_id: str = "") -> AsyncIterator[Event | ImageReady]:
+        try:
+            entry = self.registry.resolve(spec.model)
+        except NotFound as exc:
+            raise InvalidArgument("model", str(exc).removeprefix("model: ")) from None
+        resolved = resolve_spec(spec, entry, self.config.limits)
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(self._loader_pool, self.registry.load, entry.name)
+        chunks, negative_chunks = model.tokenizer.pair(resolved.prompt, resolved.negative_prompt)
+
+        with self._waiting_lock:
+            if self._waiting >= self.config.limits.max_queue_length:
+                raise QueueFull(f"the queue is full ({self._waiting} of {self.config.limits.max_queue_length} requests waiting); retry later")
+            self._waiting += 1
+        still_waiting = True
+
+        def left_queue() -> None:
+            nonlocal still_waiting
+            if still_waiting:
+                still_waiting = False
+                with self._waiting_lock:
+                    self._waiting -= 1
+
+        events: asyncio.Queue = asyncio.Queue()
+        request_id = request_id or new_request_id()
+        state = RequestState(
+            request_id=request_id,
+            spec=resolved,
+            sampler=get_sampler(resolved.sampler),
+            model=model,
+            chunks=chunks,
+            negative_chunks=negative_chunks,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        )
+        self.step_loop.submit(state)
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Failed):
+                    finished = True
+                    raise event.error
+                if isinstance(event, Started):
+                    left_queue()
+                if isinstance(event, DecodedImage):
+                    data = await loop.run_in_executor(
+                        self._encoder_pool, encode_image, event.pixels, resolved.image_format, event.infotext
+                    )
+                    yield ImageReady(event.index, data, MIME_TYPES[resolved.image_format], event.seed, event.infotext)
+                    continue
+                yield event
+                if isinstance(event, Done):
+                    finished = True
+                    return
+        finally:
+            left_queue()
+            if not finished:
+                self.step_loop.abort(request_id)
+
+    # --- descriptions -----------------------------------------------------------------------
+    def models(self):
+        return self.registry.list()
+
+    @staticmethod
+    def samplers():
+        return list(SAMPLERS.values())
+
+    def server_info(self) -> dict:
+        return {
+            "version": __version__,
+            "backends": all_backend_status(),
+            "limits": self.config.limits,
+            "max_batch_size": self.config.scheduler.max_batch_size,
+            "default_model": self.registry.default_name,
+            "engines": [(m.entry.name, e.info()) for m in self.registry.loaded() for e in m.engines.all()],
+        }

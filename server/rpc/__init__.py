@@ -1,0 +1,1 @@
+"""The transport: grpc.aio app, thin servicers, protobuf <-> dataclass conversion, interceptors."""

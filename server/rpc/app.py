@@ -1,0 +1,64 @@
+"""Build and run the grpc.aio server: ImageService, standard health checking and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from impasto.config import ServerConfig
+from impasto.core.image_engine import ImageEngine
+
+from .errors_interceptor import ErrorsInterceptor
+from .image_servicer import ImageServicer
+from .pb import image_service_pb2 as pb
+from .pb import image_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+IMAGE_SERVICE = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
+
+
+class ImpastoServer:
+    """A running server: `await start()`, then `await stop()`. `port` is the bound port."""
+
+    def __init__(self, config: ServerConfig, engine: ImageEngine | None = None):
+        self.config = config
+        self.engine = engine or ImageEngine(config)
+        options = [
+            ("grpc.max_send_message_length", config.limits.max_message_bytes),
+            ("grpc.max_receive_message_length", config.limits.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(interceptors=[ErrorsInterceptor()], options=options)
+        pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.engine), self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((IMAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+
+    async def start(self) -> None:
+        # Load the default model before saying SERVING, so the first request is not slow.
+        self.engine.start(preload_default=True)
+        await self.server.start()
+        for service in ("", IMAGE_SERVICE):
+            await _set_status(self.health, service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("impasto serving on %s:%d", self.config.host, self.port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for service in ("", IMAGE_SERVICE):
+            await _set_status(self.health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        self.engine.stop()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _set_status(servicer, service: str, status) -> None:
+    result = servicer.set(service, status)
+    if hasattr(result, "__await__"):
+        await result
