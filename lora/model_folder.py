@@ -1,0 +1,65 @@
+"""The weights of a diffusers model folder, read from its safetensors files (no model built).
+
+`fuse` and `extract` work on files, not on loaded models: they need only the named weights, and
+this way they keep each file's dtype, sharding and metadata as they were. Components are the
+sub-folders `unet/`, `text_encoder/`, `text_encoder_2/`; a component whose weights are only in
+pickle files (`.bin`) is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .canonical import COMPONENTS
+from .errors import AdapterFormatError
+from .files import PICKLE_SUFFIXES
+
+
+def component_files(folder: str | os.PathLike) -> dict[str, list[Path]]:
+    """{component: its .safetensors files} for the components present in a model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterFormatError(f"{folder}: not a model folder")
+    out = {}
+    for component in COMPONENTS:
+        sub = folder / component
+        if not sub.is_dir():
+            continue
+        files = sorted(sub.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in sub.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:
+                raise AdapterFormatError(f"{sub}: weights only as pickles ({', '.join(pickles)}); safetensors only")
+            continue
+        out[component] = files
+    if not out:
+        raise AdapterFormatError(f"{folder}: no unet/, text_encoder/ or text_encoder_2/ with safetensors weights")
+    return out
+
+
+def read_weights(folder: str | os.PathLike, components=None) -> dict[str, torch.Tensor]:
+    """{"<component>.<parameter name>": tensor} over the folder's safetensors files."""
+    out = {}
+    for component, files in component_files(folder).items():
+        if components is not None and component not in components:
+            continue
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    out[f"{component}.{key}"] = f.get_tensor(key)
+    return out
+
+
+def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Shapes only, from the headers: for validating an adapter against a folder cheaply."""
+    out = {}
+    for component, files in component_files(folder).items():
+        for path in files:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    out[f"{component}.{key}"] = tuple(f.get_slice(key).get_shape())
+    return out
