@@ -107,7 +107,8 @@ class ModelRegistry:
                 self._add(ModelEntry(name=path.name, path=path))
         if not self._entries:
             raise FileNotFoundError("no models: the embedded default is missing and no models dir was given")
-        default_name = default_model or next(iter(self._entries))
+        servable = [name for name, e in self._entries.items() if e.available]
+        default_name = default_model or (servable[0] if servable else next(iter(self._entries)))
         if default_name not in self._entries:
             raise NotFound(f"default model '{default_name}' not found; known: {', '.join(self._entries)}")
         self._entries[default_name].is_default = True

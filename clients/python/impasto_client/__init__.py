@@ -11,6 +11,8 @@
 from .aio import AsyncImpastoClient
 from .client import ImpastoClient
 from .errors import (
+    CancelledError,
+    DeadlineExceededError,
     ImpastoError,
     InvalidArgumentError,
     NotFoundError,
@@ -21,6 +23,8 @@ from .events import Done, Image, Progress, Queued, Started
 
 __all__ = [
     "AsyncImpastoClient",
+    "CancelledError",
+    "DeadlineExceededError",
     "Done",
     "Image",
     "ImpastoClient",
