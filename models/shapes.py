@@ -75,8 +75,8 @@ def caption(shape: str | None, colour: str | None, background: str | None) -> st
     """
     if shape is None and colour is None:
         return "" if background is None else f"a {background} background"
-    noun = shape if shape is not None else "shape"
-    text = f"a {colour} {noun}" if colour is not None else f"a {noun}"
+    words = f"{colour} {shape or 'shape'}" if colour is not None else (shape or "shape")
+    text = ("an " if words[0] in "aeiou" else "a ") + words
     if background is not None:
         text += f" on a {background} background"
     return text
