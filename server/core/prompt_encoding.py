@@ -93,7 +93,9 @@ class EmbeddingCache:
                 if key in self._entries:
                     self._entries.move_to_end(key)
                     self.hits += 1
-                elif chunk not in missing:
+                elif chunk in missing:  # repeated within this call: encoded once
+                    self.hits += 1
+                else:
                     missing.append(chunk)
                     self.misses += 1
         fresh: dict[tuple, torch.Tensor] = {}
