@@ -18,6 +18,7 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import torch
 
 warnings.filterwarnings("ignore")
@@ -32,6 +33,16 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "time_emb_proj", "conv_shortcut"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """The tests' matrices are tiny; on a shared, loaded CPU torch's thread pool costs ~100× more
+    in synchronisation than it saves. Scoped to the tests of modules that import this fixture."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from lora_fixtures import assert_deltas_close, bundle
+from lora_fixtures import assert_deltas_close, bundle, single_torch_thread  # noqa: F401 (fixture)
 from safetensors.torch import load_file, save_file
 
 from impasto.lora import AdapterFormatError, compose, detect_format, load_adapter, parse_state_dict
