@@ -4,8 +4,10 @@ kohya: keys from diffusers' `convert_state_dict_to_kohya`, with two corrections,
 converter (0.42.1) writes `alpha = rank` for every module (dropping any other scale) and always
 names the first text encoder `lora_te1_`: we write each module's real alpha, and use `lora_te_`
 when there is no second text encoder, as kohya-ss does for SD 1.x/2.x (`lora_te1_`/`lora_te2_`
-only for SDXL). UNet names stay in diffusers' block naming, which A1111 and ComfyUI read for
-SD 1.x, 2.x and SDXL. Embeddings are bundled the A1111 way (`bundle_emb.<token>.string_to_param.*`,
+only for SDXL). UNet names stay in diffusers' block naming (`lora_unet_down_blocks_0_…`), the
+SD 1.x kohya spelling; A1111 converts such names itself (`convert_diffusers_name_to_compvis`).
+SDXL files from kohya use SGM block names instead; we do not write those (tested here: diffusers'
+own kohya reader loads our files with the right scales). Embeddings are bundled the A1111 way (`bundle_emb.<token>.string_to_param.*`,
 or `.clip_l` / `.clip_g` for a two-encoder adapter).
 
 diffusers: the current PEFT-style file (`unet.<path>.lora_A.weight`, ...) with each component's

@@ -40,7 +40,12 @@ def a1111_short_hash(full_hash: str) -> str:
 
 
 def lora_hashes_infotext(entries: list[tuple[str, str]]) -> str:
-    """The value A1111 writes after `Lora hashes: ` for (alias, full hash) pairs, in prompt order."""
+    """The value A1111 writes after `Lora hashes: ` for (alias, full hash) pairs, in prompt order.
+
+    A1111's infotext writer then double-quotes the value (it contains ':' and ','):
+    `Lora hashes: "name: 0123456789ab, other: ba9876543210"`; that quoting is the infotext
+    writer's job, not this function's.
+    """
     parts = []
     for alias, full_hash in entries:
         alias = alias.replace(":", "").replace(",", "")

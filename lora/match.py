@@ -123,9 +123,15 @@ def match_targets(
         report.shapes[target] = base_shape
     components = {n.partition(".")[0] for n in named_weight_shapes}
     for token, per_component in adapter.embeddings.items():
-        for component in per_component:
+        for component, vectors in per_component.items():
             if component not in components:
                 report.unmatched_embedding_components.append(f"{token} -> {component}")
+                continue
+            table = resolver.resolve(f"{component}.text_model.embeddings.token_embedding")
+            if table is not None and named_weight_shapes[table][-1] != vectors.shape[-1]:
+                report.mismatched.append(
+                    f"embedding {token} for {component}: width {vectors.shape[-1]} vs the token table's {named_weight_shapes[table][-1]}"
+                )
     if report.unmatched and allow_unmatched:
         report.warnings.append(f"{len(report.unmatched)} adapter targets not in the base model were skipped: {list_keys(report.unmatched)}")
     if raise_on_error:

@@ -152,3 +152,15 @@ def test_compose_without_base_uses_adapter_shapes(tmp_path):
     deltas = compose([(a, 1.0)])
     t = "unet.down_blocks.0.resnets.0.conv1"
     assert deltas[f"{t}.weight"].shape == a.modules[t].delta_shape == (32, 32, 3, 3)
+
+
+def test_embedding_width_is_checked(tmp_path):
+    from lora_fixtures import bundle as get_bundle
+
+    from impasto.lora.formats.cloneofsimo import module_tree
+
+    b = get_bundle()
+    path, _ = b.write_cloneofsimo(tmp_path / "c.safetensors", token_vec=torch.randn(48))
+    a = load_adapter(path, module_trees={"unet": module_tree(b.unet), "text_encoder": module_tree(b.te)})
+    report = match_targets(a, b.named_weight_shapes())
+    assert not report.ok and "embedding <s1> for text_encoder: width 48 vs the token table's 32" in report.errors[0]
