@@ -21,12 +21,16 @@ def _serve(args) -> int:
         models_dir=args.models_dir,
         default_model=args.default_model,
         max_batch_size=args.max_batch_size,
+        metrics_port=args.metrics_port,
+        admission_wait_ms=args.admission_wait_ms,
     )
 
     async def run() -> None:
         server = ImpastoServer(config)
         await server.start()
         print(f"impasto: serving on {config.host}:{server.port}", flush=True)
+        if server.metrics_port is not None:
+            print(f"impasto: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -133,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models-dir", type=Path, help="a folder of diffusers-format model folders")
     serve.add_argument("--default-model", help="the model used when a request names none")
     serve.add_argument("--max-batch-size", type=int, help="images per UNet call; 1 turns batching off")
+    serve.add_argument("--admission-wait-ms", type=float, help="wait this long for more requests before a batch starts from idle")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     serve.set_defaults(func=_serve)
 
     target = argparse.ArgumentParser(add_help=False)

@@ -44,18 +44,24 @@ class SchedulerConfig:
     max_batch_size: int = 8
     # How long the loop waits for more requests before starting an idle batch, in ms.
     admission_wait_ms: float = 0.0
+    # A waiting request rises one priority level per this many seconds (no starvation).
+    priority_aging_s: float = 30.0
 
     def validate(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"scheduler.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.admission_wait_ms < 0:
             raise ValueError(f"scheduler.admission_wait_ms must be >= 0, got {self.admission_wait_ms}")
+        if self.priority_aging_s <= 0:
+            raise ValueError(f"scheduler.priority_aging_s must be > 0, got {self.priority_aging_s}")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    # Prometheus /metrics; None: off, 0: a free port.
+    metrics_port: int | None = None
     models_dir: Path | None = None
     default_model: str = ""
     include_embedded_model: bool = True

@@ -20,6 +20,7 @@ from impasto.config import ServerConfig
 
 from .errors import InvalidArgument, NotFound, QueueFull
 from .image_encoding import MIME_TYPES, encode_image
+from .metrics import Metrics
 from .model_registry import ModelRegistry
 from .request_state import RequestState
 from .samplers import SAMPLERS, get_sampler
@@ -36,7 +37,14 @@ class ImageEngine:
     def __init__(self, config: ServerConfig, registry: ModelRegistry | None = None):
         self.config = config
         self.registry = registry or ModelRegistry(config.models_dir, config.default_model, config.include_embedded_model)
-        self.step_loop = StepLoop(config.scheduler.max_batch_size)
+        self.metrics = Metrics()
+        self.step_loop = StepLoop(
+            config.scheduler.max_batch_size,
+            admission_wait_s=config.scheduler.admission_wait_ms / 1000.0,
+            priority_aging_s=config.scheduler.priority_aging_s,
+            metrics=self.metrics,
+        )
+        self.metrics.queue_length.set_function(lambda: self._waiting)
         self._encoder_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="impasto-encode")
         self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-load")
         self._waiting = 0
@@ -90,11 +98,12 @@ class ImageEngine:
         )
         self.step_loop.submit(state)
         finished = False
+        outcome = "cancelled"
         try:
             while True:
                 event = await events.get()
                 if isinstance(event, Failed):
-                    finished = True
+                    finished, outcome = True, "error"
                     raise event.error
                 if isinstance(event, Started):
                     left_queue()
@@ -106,11 +115,13 @@ class ImageEngine:
                     continue
                 yield event
                 if isinstance(event, Done):
-                    finished = True
+                    finished, outcome = True, "ok"
                     return
         finally:
             left_queue()
+            self.metrics.requests.labels(outcome).inc()
             if not finished:
+                self.metrics.cancellations.inc()
                 self.step_loop.abort(request_id)
 
     # --- descriptions -----------------------------------------------------------------------

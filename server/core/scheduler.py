@@ -6,6 +6,9 @@ Policy:
 - Admission: waiting requests are admitted in (priority, arrival) order while the running
   set has room for their images (`max_batch_size` images). A request larger than that is
   admitted alone. So with `max_batch_size=1` the server runs one request at a time, FCFS.
+- Aging: a request's priority rises by one level for every `priority_aging_s` it waits
+  (in the queue, or in the running set since its last step), so batch work is never starved
+  by a steady stream of interactive work.
 - Batching: running requests are grouped by their batch key (model, latent size, context
   length, adapter set: anything that must be equal for one engine call). The group of the
   request that has waited longest since its last step goes next, filled in (priority,
@@ -43,10 +46,13 @@ class SchedulerOutput:
 
 
 class RequestScheduler:
-    def __init__(self, max_batch_size: int):
+    def __init__(self, max_batch_size: int, priority_aging_s: float = 30.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if priority_aging_s <= 0:
+            raise ValueError(f"priority_aging_s must be > 0, got {priority_aging_s}")
         self.max_batch_size = max_batch_size
+        self.priority_aging_s = priority_aging_s
         self._waiting: list[ScheduledRequest] = []
         self._running: dict[str, ScheduledRequest] = {}
         self._aborted: list[str] = []
@@ -85,13 +91,19 @@ class RequestScheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput(aborted=self._aborted)
         self._aborted = []
-        out.admitted = self._admit()
+        out.admitted = self._admit(now)
         out.batch = self._pick_batch(now)
         return out
 
-    def _admit(self) -> list[str]:
+    def _effective_priority(self, priority: int, waited: float) -> float:
+        return priority - waited / self.priority_aging_s
+
+    def _waiting_order(self, now: float) -> list[ScheduledRequest]:
+        return sorted(self._waiting, key=lambda r: (self._effective_priority(r.priority, now - r.arrival), r.arrival))
+
+    def _admit(self, now: float) -> list[str]:
         admitted = []
-        self._waiting.sort(key=lambda r: (r.priority, r.arrival))
+        self._waiting = self._waiting_order(now)
         while self._waiting:
             head = self._waiting[0]
             room = self.max_batch_size - sum(r.num_images for r in self._running.values())
@@ -106,7 +118,7 @@ class RequestScheduler:
         runnable = [r for r in self._running.values() if not r.finished]
         if not runnable:
             return []
-        order = sorted(runnable, key=lambda r: (r.priority, r.last_stepped, r.arrival))
+        order = sorted(runnable, key=lambda r: (self._effective_priority(r.priority, now - r.last_stepped), r.last_stepped, r.arrival))
         key = order[0].batch_key
         batch, images = [], 0
         for request in order:
@@ -119,9 +131,8 @@ class RequestScheduler:
         return batch
 
     # --- views ----------------------------------------------------------------------------
-    def waiting_positions(self) -> dict[str, int]:
-        ordered = sorted(self._waiting, key=lambda r: (r.priority, r.arrival))
-        return {r.request_id: i for i, r in enumerate(ordered)}
+    def waiting_positions(self, now: float) -> dict[str, int]:
+        return {r.request_id: i for i, r in enumerate(self._waiting_order(now))}
 
     @property
     def num_waiting(self) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from .image_encoding import thumbnail, to_uint8
 from .infotext import format_infotext
+from .metrics import Metrics
 from .prompt_encoding import EmbeddingCache
 from .request_state import RequestState
 from .scheduler import RequestScheduler, ScheduledRequest
@@ -47,12 +48,23 @@ class StepStats:
     steps: int = 0
     batches: int = 0
     batched_images: int = 0
+    mixed_step_batches: int = 0  # calls that joined requests at different step indices
     ema_step_seconds: float = 0.0
 
 
 class StepLoop:
-    def __init__(self, max_batch_size: int, embedding_cache_entries: int = 1024):
-        self.scheduler = RequestScheduler(max_batch_size)
+    def __init__(
+        self,
+        max_batch_size: int,
+        *,
+        admission_wait_s: float = 0.0,
+        priority_aging_s: float = 30.0,
+        metrics: Metrics | None = None,
+        embedding_cache_entries: int = 1024,
+    ):
+        self.scheduler = RequestScheduler(max_batch_size, priority_aging_s=priority_aging_s)
+        self.admission_wait_s = admission_wait_s
+        self.metrics = metrics or Metrics()
         self.embeddings = EmbeddingCache(embedding_cache_entries)
         self.stats = StepStats()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -79,7 +91,14 @@ class StepLoop:
     # --- the loop ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox(block=not self.scheduler.has_work())
+            idle = not self.scheduler.has_work()
+            self._drain_inbox(block=idle)
+            if idle and self.admission_wait_s > 0:
+                # Woken from idle by a request: give its neighbours a moment to arrive, so the
+                # first step already runs them together.
+                deadline = time.monotonic() + self.admission_wait_s
+                while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+                    self._drain_inbox(block=True, timeout=left)
             if self._stop.is_set():
                 break
             try:
@@ -89,9 +108,9 @@ class StepLoop:
                 for request_id in list(self._requests):
                     self._fail(request_id, RuntimeError("internal error in the step loop; see server log"))
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, block: bool, timeout: float | None = None) -> None:
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(block=block, timeout=timeout if block else None)
         except queue.Empty:
             return
         while True:
@@ -121,6 +140,7 @@ class StepLoop:
             self._requests.pop(request_id, None)
             self._positions.pop(request_id, None)
         self._report_positions()
+        self.metrics.running.set(self.scheduler.num_running)
         if out.admitted:
             self._admit([self._requests[r] for r in out.admitted])
         if out.batch:
@@ -155,9 +175,12 @@ class StepLoop:
                 if state.spec.uses_cfg:
                     chunk_lists.append(state.negative_chunks)
             encoder = model.engines.text_encoder
+            hits, misses = self.embeddings.hits, self.embeddings.misses
             embeds = iter(
                 self.embeddings.encode(chunk_lists, (model.entry.name,), lambda ids: encoder.run({"input_ids": ids})["last_hidden_state"])
             )
+            self.metrics.embedding_cache_hits.inc(self.embeddings.hits - hits)
+            self.metrics.embedding_cache_misses.inc(self.embeddings.misses - misses)
             for state in group:
                 try:
                     state.cond = next(embeds)
@@ -211,9 +234,13 @@ class StepLoop:
 
     def _record_step_time(self, seconds: float, batch: list[RequestState]) -> None:
         s = self.stats
+        images = sum(st.spec.num_images for st in batch)
         s.steps += 1
         s.batches += 1
-        s.batched_images += sum(st.spec.num_images for st in batch)
+        s.batched_images += images
+        s.mixed_step_batches += len({st.step_index for st in batch}) > 1
+        self.metrics.batch_size.observe(images)
+        self.metrics.unet_step_seconds.observe(seconds)
         s.ema_step_seconds = seconds if s.ema_step_seconds == 0 else 0.8 * s.ema_step_seconds + 0.2 * seconds
 
     def _emit_progress(self, batch: list[RequestState]) -> None:
@@ -226,6 +253,8 @@ class StepLoop:
             every = state.spec.preview_every
             if every and state.step_index % every == 0 and remaining > 0:
                 preview, mime = self._preview(state), "image/jpeg"
+            if state.step_index == 1:
+                self.metrics.time_to_first_progress.observe(time.monotonic() - state.arrival)
             state.emit(Progress(state.step_index, num_steps, remaining * self.stats.ema_step_seconds, preview, mime))
 
     def _preview(self, state: RequestState) -> bytes:
@@ -257,6 +286,7 @@ class StepLoop:
                     state.emit(DecodedImage(k, pixels[i], seq.seed, self._infotext(state, seq.seed)))
                     i += 1
                 state.emit(Done(state.spec.num_images, time.monotonic() - state.arrival))
+                self.metrics.images.inc(state.spec.num_images)
                 self._requests.pop(state.request_id, None)
 
     @staticmethod
@@ -282,7 +312,7 @@ class StepLoop:
             state.emit(Failed(error))
 
     def _report_positions(self) -> None:
-        for request_id, position in self.scheduler.waiting_positions().items():
+        for request_id, position in self.scheduler.waiting_positions(time.monotonic()).items():
             if self._positions.get(request_id) != position:
                 self._positions[request_id] = position
                 self._requests[request_id].emit(Queued(position))

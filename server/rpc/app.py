@@ -39,11 +39,15 @@ class ImpastoServer:
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         # Load the default model before saying SERVING, so the first request is not slow.
         self.engine.start(preload_default=True)
         await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.engine.metrics.serve(self.config.metrics_port, self.config.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         for service in ("", IMAGE_SERVICE):
             await _set_status(self.health, service, health_pb2.HealthCheckResponse.SERVING)
         log.info("impasto serving on %s:%d", self.config.host, self.port)
@@ -53,6 +57,7 @@ class ImpastoServer:
             await _set_status(self.health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         self.engine.stop()
+        self.engine.metrics.close()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

@@ -69,7 +69,7 @@ def test_priority_goes_first_and_fifo_within():
     s.add(req("batch1", priority=1, arrival=0, steps=1))
     s.add(req("inter1", priority=0, arrival=1, steps=1))
     s.add(req("inter2", priority=0, arrival=2, steps=1))
-    assert s.waiting_positions() == {"inter1": 0, "inter2": 1, "batch1": 2}
+    assert s.waiting_positions(now=3.0) == {"inter1": 0, "inter2": 1, "batch1": 2}
     assert [b[0] for b in run_to_end(s)] == ["inter1", "inter2", "batch1"]
 
 
@@ -100,3 +100,24 @@ def test_rejects_bad_config_and_duplicates():
     s.add(req("a"))
     with pytest.raises(ValueError, match="already"):
         s.add(req("a"))
+
+
+def test_waiting_batch_work_ages_past_new_interactive_work():
+    s = RequestScheduler(max_batch_size=1, priority_aging_s=10.0)
+    s.add(req("batch", priority=1, arrival=0.0, steps=1))
+    s.add(req("interactive", priority=0, arrival=14.0, steps=1))
+    # At t=15 the batch request has waited 15 s: 1 - 1.5 < 0 - 0.1, so it goes first.
+    assert s.waiting_positions(now=15.0) == {"batch": 0, "interactive": 1}
+    assert s.schedule(15.0).batch == ["batch"]
+
+
+def test_running_batch_work_is_not_starved_by_another_batch_key():
+    s = RequestScheduler(max_batch_size=2, priority_aging_s=1.0)
+    s.add(req("batch", key="128", priority=1, arrival=0.0, steps=100))
+    s.add(req("inter", key="64", priority=0, arrival=0.0, steps=100))
+    picked = []
+    for t in range(1, 7):
+        out = s.schedule(float(t))
+        picked += out.batch
+        s.update(out.batch, float(t))
+    assert "batch" in picked and "inter" in picked
