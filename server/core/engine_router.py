@@ -1,0 +1,152 @@
+"""Route each engine call to the best engine that fits it, with torch as the fallback.
+
+A model may have compiled engines from several backends (in the server's preference order)
+plus its torch engines. The router is itself an `Engine`, so the step loop does not know
+which backend ran a call. For each call it takes the first engine whose shape profile
+accepts the call's batch and image size; a static engine whose batch is larger than the
+call is padded, and a call larger than an engine's batch is split. When no compiled engine
+fits, the torch engine runs it and the fallback is counted and logged with the reason.
+
+Refit is lazy: the router remembers the weights asked for, and brings an engine up to date
+(restore, then refit) only when that engine is next used, so a LoRA switch costs one refit
+of the engine that actually runs, not of every backend loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from impasto.backends.base import Component, Engine, EngineInfo
+
+log = logging.getLogger(__name__)
+
+# CLIP's context: compiled UNets are exported for one 77-token chunk. A1111-style long prompts
+# (77*k tokens) run on an engine that declares their length, or on torch.
+COMPILED_CONTEXT_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class CallShape:
+    batch: int
+    width: int  # pixels
+    height: int
+    context_length: int | None = None
+
+
+def _call_shape(component: Component, inputs: Mapping[str, torch.Tensor], vae_scale_factor: int) -> CallShape:
+    if component == Component.UNET:
+        sample = inputs["sample"]
+        ctx = inputs["encoder_hidden_states"].shape[1]
+        return CallShape(sample.shape[0], sample.shape[-1] * vae_scale_factor, sample.shape[-2] * vae_scale_factor, ctx)
+    if component == Component.VAE_DECODER:
+        latent = inputs["latent"]
+        return CallShape(latent.shape[0], latent.shape[-1] * vae_scale_factor, latent.shape[-2] * vae_scale_factor)
+    if component == Component.VAE_ENCODER:
+        image = inputs["image"]
+        return CallShape(image.shape[0], image.shape[-1], image.shape[-2])
+    ids = inputs["input_ids"]
+    return CallShape(ids.shape[0], 0, 0)
+
+
+class RoutedEngine(Engine):
+    def __init__(
+        self,
+        component: Component,
+        compiled: list[Engine],
+        fallback: Engine,
+        vae_scale_factor: int,
+        on_fallback: Callable[[str], None] = lambda reason: None,
+    ):
+        self.component = component
+        self.compiled = compiled
+        self.fallback = fallback
+        self.vae_scale_factor = vae_scale_factor
+        self.on_fallback = on_fallback
+        self._wanted: dict[str, torch.Tensor] = {}  # refitted weights, by torch name
+        self._version = 0
+        self._engine_version: dict[int, int] = {}
+        self.last_backend = ""
+        self._logged: set[str] = set()
+
+    # --- picking ----------------------------------------------------------------------------
+    def _fits(self, engine: Engine, shape: CallShape) -> bool:
+        profile = engine.info().profile
+        if self.component == Component.UNET and shape.context_length != COMPILED_CONTEXT_LENGTH:
+            return False
+        if self.component == Component.TEXT_ENCODER:
+            return True  # one chunk is always 77 tokens; any batch is split or padded in run()
+        return profile.sizes is None or (shape.width, shape.height) in profile.sizes
+
+    def pick(self, shape: CallShape) -> tuple[Engine, str]:
+        for engine in self.compiled:
+            if self._fits(engine, shape):
+                return engine, ""
+        if not self.compiled:
+            return self.fallback, ""
+        if self.component == Component.UNET and shape.context_length != COMPILED_CONTEXT_LENGTH:
+            reason = "context_length"
+        else:
+            reason = "no_profile"
+        return self.fallback, reason
+
+    # --- the contract -----------------------------------------------------------------------
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shape = _call_shape(self.component, inputs, self.vae_scale_factor)
+        engine, reason = self.pick(shape)
+        if reason:
+            self.on_fallback(reason)
+            key = f"{reason}:{shape}"
+            if key not in self._logged:
+                self._logged.add(key)
+                log.info("%s: no compiled engine fits %s (%s); running on torch", self.component.value, shape, reason)
+        self._bring_up_to_date(engine)
+        self.last_backend = engine.info().backend
+        if engine is self.fallback:
+            return engine.run(inputs)
+        return self._run_in_batches(engine, inputs, shape.batch)
+
+    def _run_in_batches(self, engine: Engine, inputs: Mapping[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
+        profile = engine.info().profile
+        max_batch = profile.max_batch or batch
+        outputs: list[dict[str, torch.Tensor]] = []
+        for start in range(0, batch, max_batch):
+            part = {k: v[start : start + max_batch] for k, v in inputs.items()}
+            rows = min(max_batch, batch - start)
+            pad = max(0, profile.min_batch - rows)
+            if pad:  # a static engine takes exactly its batch: pad with copies of the last row
+                part = {k: torch.cat([v, v[-1:].expand(pad, *v.shape[1:])]) for k, v in part.items()}
+            out = engine.run(part)
+            outputs.append({k: v[:rows] for k, v in out.items()})
+        if len(outputs) == 1:
+            return outputs[0]
+        return {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]}
+
+    def refit(self, named_weights: Mapping[str, torch.Tensor]) -> None:
+        self._wanted.update(named_weights)
+        self._version += 1
+
+    def restore(self) -> None:
+        self._wanted.clear()
+        self._version += 1
+
+    def _bring_up_to_date(self, engine: Engine) -> None:
+        if self._engine_version.get(id(engine), 0) == self._version:
+            return
+        engine.restore()
+        if self._wanted:
+            engine.refit(self._wanted)
+        self._engine_version[id(engine)] = self._version
+
+    def info(self) -> EngineInfo:
+        first = self.compiled[0] if self.compiled else self.fallback
+        return first.info()
+
+    def engines(self) -> list[Engine]:
+        return [*self.compiled, self.fallback]
+
+    def named_weights(self) -> dict[str, torch.Tensor]:
+        return self.fallback.named_weights()  # the torch engine holds the base weights by name
