@@ -1,0 +1,76 @@
+"""The shipped judge: accuracy on a fixed generated set, prompt parsing, and the result's shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from impasto.models import judge_weights_path
+from impasto.models.judge import COLOUR_NAMES, classify, expected_from_prompt, judge
+from impasto.models.shapes import HELD_OUT_COLOUR, HELD_OUT_SHAPE, SHAPES, Scene, render
+from impasto.training.shapes_dataset import render_scenes, sample_scenes
+
+
+@pytest.fixture(scope="module")
+def fixed_set():
+    # Every shape and colour, the held-out ones included; a seed the judge was not trained on.
+    scenes = sample_scenes(600, seed=2024, shapes=SHAPES, colours=COLOUR_NAMES)
+    return scenes, render_scenes(scenes)
+
+
+def test_weights_ship_as_safetensors_with_their_classes():
+    folder = judge_weights_path()
+    config = json.loads((folder / "config.json").read_text())
+    assert (folder / "model.safetensors").is_file()
+    assert config["shapes"] == list(SHAPES) and config["colours"] == list(COLOUR_NAMES)
+    assert config["test_accuracy"]["both"] >= 0.98
+
+
+def test_accuracy_on_a_fixed_generated_set(fixed_set):
+    scenes, images = fixed_set
+    result = judge(images, [s.caption() for s in scenes])
+    assert result.hit_rate >= 0.98
+    # The held-out shape and colour are classes the judge knows, not just the seen ones.
+    assert result.per_class["shape"][HELD_OUT_SHAPE] >= 0.95
+    assert result.per_class["colour"][HELD_OUT_COLOUR] >= 0.95
+    assert set(result.per_class["shape"]) == set(SHAPES)
+
+
+def test_wrong_prompts_are_misses():
+    image = render(Scene("circle", "red", "white", 32, 32, 20))
+    assert judge([image], ["a red circle"]).hit_rate == 1.0
+    assert judge([image], ["a blue circle"]).hit_rate == 0.0
+    assert judge([image], ["a red square on a black background"]).hit_rate == 0.0
+
+
+def test_a_prompt_checks_only_what_it_names():
+    image = render(Scene("triangle", "green", "gray", 30, 34, 18))
+    result = judge([image, image], ["a triangle", "green"])
+    assert result.hit_rate == 1.0
+    assert result.per_class["shape"] == {"triangle": 1.0} and result.per_class["colour"] == {"green": 1.0}
+    assert result.per_class["pair"] == {}
+
+
+def test_prompt_parsing():
+    assert expected_from_prompt("a red circle on a white background") == ("circle", "red")
+    assert expected_from_prompt("A Circle, please") == ("circle", None)
+    assert expected_from_prompt("an orange shape") == (None, "orange")
+    with pytest.raises(ValueError, match="names no shape or colour"):
+        expected_from_prompt("a white background")
+
+
+def test_accepts_pil_images_and_uint8_arrays_alike():
+    array = render(Scene("diamond", "yellow", "black", 32, 32, 22))
+    assert classify([Image.fromarray(array)]) == classify(array[None]) == [("diamond", "yellow")]
+
+
+def test_rejects_images_of_the_wrong_size_or_type():
+    with pytest.raises(ValueError, match="64x64 RGB uint8"):
+        classify([np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match="64x64 RGB uint8"):
+        classify([np.zeros((64, 64, 3), np.float32)])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        judge(np.zeros((2, 64, 64, 3), np.uint8), ["a red circle"])
