@@ -79,6 +79,7 @@ class Manifest:
     precision: str
     profiles: list[Profile]
     dynamic_shapes: bool  # True: engines take any size (profiles were only the build's hints)
+    vae_scale_factor: int  # image pixels per latent pixel: how profile sizes map to latent sizes
     build_time: str  # ISO 8601, UTC
     build_seconds: float
     components: dict[Component, ComponentArtifact]
@@ -109,6 +110,7 @@ class Manifest:
             precision=data["precision"],
             profiles=[Profile(**p) for p in data["profiles"]],
             dynamic_shapes=data["dynamic_shapes"],
+            vae_scale_factor=data["vae_scale_factor"],
             build_time=data["build_time"],
             build_seconds=data["build_seconds"],
             components=components,

@@ -32,8 +32,8 @@ PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "bf16"}
 TEXT_LENGTH = 77
 
 
-def _static_shapes(component: Component, model, profile: Profile) -> dict[str, object]:
-    """Input name -> partial shape for one profile (sizes in pixels; the VAE scale is 8)."""
+def _static_shapes(component: Component, model, profile: Profile, vae_scale: int) -> dict[str, object]:
+    """Input name -> partial shape for one profile (sizes in image pixels)."""
     import openvino as ov
 
     batch = ov.Dimension(profile.min_batch) if profile.min_batch == profile.max_batch else ov.Dimension(profile.min_batch, profile.max_batch)
@@ -42,7 +42,7 @@ def _static_shapes(component: Component, model, profile: Profile) -> dict[str, o
         name = port.get_any_name()
         dims = list(port.get_partial_shape())
         if name in ("sample", "latent"):
-            dims = [batch, dims[1], ov.Dimension(profile.height // 8), ov.Dimension(profile.width // 8)]
+            dims = [batch, dims[1], ov.Dimension(profile.height // vae_scale), ov.Dimension(profile.width // vae_scale)]
         elif name == "image":
             dims = [batch, dims[1], ov.Dimension(profile.height), ov.Dimension(profile.width)]
         elif name == "timestep":
@@ -55,7 +55,7 @@ def _static_shapes(component: Component, model, profile: Profile) -> dict[str, o
     return shapes
 
 
-def _profile_fits(component: Component, profile: Profile, inputs: Mapping[str, torch.Tensor]) -> bool:
+def _profile_fits(component: Component, profile: Profile, inputs: Mapping[str, torch.Tensor], vae_scale: int) -> bool:
     first = next(iter(inputs.values()))
     batch = first.shape[0]
     if not profile.min_batch <= batch <= profile.max_batch:
@@ -63,7 +63,7 @@ def _profile_fits(component: Component, profile: Profile, inputs: Mapping[str, t
     if component is Component.TEXT_ENCODER:
         return True
     spatial = first.shape[-2:]
-    scale = 1 if component is Component.VAE_ENCODER else 8
+    scale = 1 if component is Component.VAE_ENCODER else vae_scale
     return tuple(spatial) == (profile.height // scale, profile.width // scale)
 
 
@@ -77,6 +77,7 @@ class OpenVINOEngine(Engine):
         profiles: list[Profile],
         shape_profile: ShapeProfile,
         inference_precision: str = "f32",
+        vae_scale: int = 8,
         refit_mode: str = "parameters",
         num_threads: int = 0,
     ):
@@ -88,6 +89,7 @@ class OpenVINOEngine(Engine):
         self.precision = precision
         self.refit_mode = refit_mode
         self.profile = shape_profile
+        self._vae_scale = vae_scale
         self._ov = ov
         self._core = ov.Core()
         self._config = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
@@ -129,7 +131,7 @@ class OpenVINOEngine(Engine):
         self._requests = []
         for profile in self._profiles:
             model = self._model.clone()
-            model.reshape(_static_shapes(self.component, model, profile))
+            model.reshape(_static_shapes(self.component, model, profile, self._vae_scale))
             request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
             if self.refit_mode == "parameters":
                 for name, array in self._weights.items():
@@ -138,7 +140,7 @@ class OpenVINOEngine(Engine):
 
     def _request_for(self, inputs: Mapping[str, torch.Tensor]):
         for profile, request in self._requests:
-            if _profile_fits(self.component, profile, inputs):
+            if _profile_fits(self.component, profile, inputs, self._vae_scale):
                 return request
         shapes = {name: tuple(value.shape) for name, value in inputs.items()}
         built = ", ".join(p.describe() for p, _ in self._requests)
@@ -201,5 +203,5 @@ def load_engines(folder: Path, manifest, device: str = "cpu", refit_mode: str = 
         if component is Component.TEXT_ENCODER:
             profile = ShapeProfile(profile.min_batch, profile.max_batch, None)
         engines[component] = OpenVINOEngine(component, folder / artifact.files[0], artifact.refit, manifest.precision,
-                                            manifest.profiles, profile, hint, refit_mode)
+                                            manifest.profiles, profile, hint, manifest.vae_scale_factor, refit_mode)
     return engines

@@ -91,11 +91,16 @@ def compile_model(request: BuildRequest, log=print) -> BuildResult:
 
     from .profiles import default_profiles
 
-    torch_engines = None
-    profiles = list(request.profiles)
-    if not profiles:
-        torch_engines = load_model(model_dir)
-        profiles = default_profiles(torch_engines.unet.module.config.sample_size)
+    from .onnx_export import vae_scale_factor
+
+    torch_engines = load_model(model_dir)
+    vae_scale = vae_scale_factor(torch_engines.vae_decoder.module)
+    profiles = list(request.profiles) or default_profiles(torch_engines.unet.module.config.sample_size, vae_scale)
+    # the UNet halves the latent once per extra level; every level must divide evenly
+    multiple = vae_scale * 2 ** (len(torch_engines.unet.module.config.block_out_channels) - 1)
+    for profile in profiles:
+        if profile.width % multiple or profile.height % multiple:
+            raise ValueError(f"profile {profile.describe()}: sizes must be multiples of {multiple} for this model")
     name = folder_name(model_hash, request.backend, status.version, request.precision, profiles, request.components)
     out_dir = Path(request.out_dir)
     final = out_dir / name
@@ -107,7 +112,6 @@ def compile_model(request: BuildRequest, log=print) -> BuildResult:
     # Hidden and on the same filesystem as the final folder, so the rename below is atomic.
     temp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
     try:
-        torch_engines = torch_engines or load_model(model_dir)
         modules = {
             Component.TEXT_ENCODER: torch_engines.text_encoder.module,
             Component.UNET: torch_engines.unet.module,
@@ -120,7 +124,7 @@ def compile_model(request: BuildRequest, log=print) -> BuildResult:
         for component in request.components:
             t0 = time.perf_counter()
             log(f"{component.value}: export and build for {request.backend} {request.precision}")
-            artifact, component_options = builder.build_component(component, modules[component], temp, request.precision, profiles)
+            artifact, component_options = builder.build_component(component, modules[component], temp, request.precision, profiles, vae_scale)
             artifacts[component] = artifact
             options.update(component_options)
             component_seconds[component.value] = time.perf_counter() - t0
@@ -131,6 +135,7 @@ def compile_model(request: BuildRequest, log=print) -> BuildResult:
             precision=request.precision,
             profiles=profiles,
             dynamic_shapes=builder.DYNAMIC_SHAPES,
+            vae_scale_factor=vae_scale,
             build_time=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             build_seconds=round(time.perf_counter() - started, 2),
             components=artifacts,

@@ -81,14 +81,18 @@ class ExportSpec:
     dynamic_axes: dict[str, dict[int, str]]
 
 
-def export_spec(component: Component, module: torch.nn.Module, width: int, height: int) -> ExportSpec:
+def vae_scale_factor(vae) -> int:
+    """Image pixels per latent pixel (8 for every SD VAE; smaller for tiny test VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def export_spec(component: Component, module: torch.nn.Module, width: int, height: int, vae_scale: int = 8) -> ExportSpec:
     """The export recipe for `component`; width/height (pixels) only size the example inputs."""
     batch = 2  # not 1: a batch of 1 tempts the tracer into specialising the batch axis
     if component is Component.UNET:
         channels = module.config.in_channels
         factor = 2 ** (len(module.config.block_out_channels) - 1)
-        # the UNet is applied at the VAE's latent resolution (SD: 1/8); use 8 as the example scale
-        latent_hw = (max(height // 8, factor), max(width // 8, factor))
+        latent_hw = (max(height // vae_scale, factor), max(width // vae_scale, factor))
         example = (
             torch.randn(batch, channels, *latent_hw),
             torch.tensor([500.0, 20.0][:batch]),
@@ -101,7 +105,7 @@ def export_spec(component: Component, module: torch.nn.Module, width: int, heigh
         example = (torch.randint(0, module.config.vocab_size, (batch, TEXT_LENGTH), dtype=torch.int64),)
         dynamic = {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}
         return ExportSpec(_TextEncoderForExport(module), TEXT_ENCODER_INPUTS, TEXT_ENCODER_OUTPUTS, example, dynamic)
-    scale = 2 ** (len(module.config.block_out_channels) - 1)
+    scale = vae_scale_factor(module)
     if component is Component.VAE_DECODER:
         example = (torch.randn(batch, module.config.latent_channels, height // scale, width // scale),)
         dynamic = {"latent": {0: "batch", 2: "latent_height", 3: "latent_width"}, "image": {0: "batch", 2: "height", 3: "width"}}
@@ -133,7 +137,7 @@ def export_onnx(spec: ExportSpec, path: Path) -> None:
 
 
 def export_named(component: Component, module: torch.nn.Module, out_path: Path, width: int, height: int,
-                 transform=None) -> dict:
+                 vae_scale: int = 8, transform=None) -> dict:
     """Export `component` to `out_path` (graph) + `out_path.data` (its weights), named by torch
     parameter names; return its refit map. `transform(model)` may rewrite the ONNX graph before
     it is saved (e.g. an fp16 conversion); the map's dtypes are read after it.
@@ -148,7 +152,7 @@ def export_named(component: Component, module: torch.nn.Module, out_path: Path, 
     scratch.mkdir(parents=True, exist_ok=False)
     try:
         # the exporter writes one file per tensor beside the graph when the model is over 2 GB
-        export_onnx(export_spec(component, module, width, height), scratch / "raw.onnx")
+        export_onnx(export_spec(component, module, width, height, vae_scale), scratch / "raw.onnx")
         model = onnx.load(str(scratch / "raw.onnx"))
         refit = name_weights(model, {name: tuple(p.shape) for name, p in module.named_parameters()})
         if transform is not None:

@@ -50,7 +50,7 @@ def _to_fp16(model):
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-def build_component(component: Component, module, folder: Path, precision: str, profiles: list[Profile]):
+def build_component(component: Component, module, folder: Path, precision: str, profiles: list[Profile], vae_scale: int):
     """Write `<component>.onnx` + `.onnx.data` into `folder`; return its artifact and options."""
     first = profiles[0]
 
@@ -62,5 +62,5 @@ def build_component(component: Component, module, folder: Path, precision: str, 
         return model
 
     path = folder / f"{component.value}.onnx"
-    refit = export_named(component, module, path, first.width, first.height, transform)
+    refit = export_named(component, module, path, first.width, first.height, vae_scale, transform)
     return ComponentArtifact(files=[path.name, path.name + ".data"], refit=refit), {}

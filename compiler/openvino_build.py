@@ -59,13 +59,13 @@ def _constant_types(model, refit: dict[str, RefitEntry]) -> dict[str, RefitEntry
     return kept
 
 
-def build_component(component: Component, module, folder: Path, precision: str, profiles: list[Profile]):
+def build_component(component: Component, module, folder: Path, precision: str, profiles: list[Profile], vae_scale: int):
     import openvino as ov
 
     hint = inference_precision(precision)
     first = profiles[0]
     onnx_path = folder / f"{component.value}.onnx"
-    refit = export_named(component, module, onnx_path, first.width, first.height)
+    refit = export_named(component, module, onnx_path, first.width, first.height, vae_scale)
     if precision != "int8":
         # Shipped as ONNX, read by OpenVINO's ONNX frontend at load (about 0.3 s for the SD 1.5
         # UNet). We tried `ov.convert_model` + `ov.save_model` to IR: its offline constant folding

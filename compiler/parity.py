@@ -25,6 +25,7 @@ class ImageRequest:
     num_steps: int
     guidance_scale: float = 7.5
     seed: int = 0
+    vae_scale: int = 8  # image pixels per latent pixel
 
 
 def noise_scheduler(model_dir: Path):
@@ -36,7 +37,7 @@ def noise_scheduler(model_dir: Path):
 
 def initial_latents(request: ImageRequest, channels: int = 4) -> torch.Tensor:
     generator = torch.Generator().manual_seed(request.seed)
-    return torch.randn((1, channels, request.height // 8, request.width // 8), generator=generator)
+    return torch.randn((1, channels, request.height // request.vae_scale, request.width // request.vae_scale), generator=generator)
 
 
 def encode_prompts(engines: ModelEngines, request: ImageRequest) -> torch.Tensor:

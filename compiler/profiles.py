@@ -27,7 +27,7 @@ def parse_profile(text: str) -> Profile:
     return Profile(width, height, min_batch, max_batch)
 
 
-def default_profiles(unet_sample_size: int) -> list[Profile]:
+def default_profiles(unet_sample_size: int, vae_scale: int) -> list[Profile]:
     """The model's native size, one image with guidance (UNet batch 2) or without (1)."""
-    size = unet_sample_size * 8
+    size = unet_sample_size * vae_scale
     return [Profile(size, size, 1, 2)]

@@ -21,31 +21,32 @@ DYNAMIC_SHAPES = False  # engines take the optimisation profiles' ranges only
 WORKSPACE_BYTES = 8 << 30
 
 
-def profile_shapes(component: Component, module, profile: Profile) -> dict[str, tuple[tuple, tuple, tuple]]:
+def profile_shapes(component: Component, module, profile: Profile, vae_scale: int) -> dict[str, tuple[tuple, tuple, tuple]]:
     """Input name -> (min, opt, max) shapes for one TensorRT optimisation profile."""
     lo, hi = profile.min_batch, profile.max_batch
     h, w = profile.height, profile.width
+    lh, lw = h // vae_scale, w // vae_scale
 
     def batched(*rest):
         return ((lo, *rest), (hi, *rest), (hi, *rest))
 
     if component is Component.UNET:
         channels = module.config.in_channels
-        return {"sample": batched(channels, h // 8, w // 8), "timestep": batched(),
+        return {"sample": batched(channels, lh, lw), "timestep": batched(),
                 "encoder_hidden_states": batched(TEXT_LENGTH, module.config.cross_attention_dim)}
     if component is Component.TEXT_ENCODER:
         return {"input_ids": batched(TEXT_LENGTH)}
     if component is Component.VAE_DECODER:
-        return {"latent": batched(module.config.latent_channels, h // 8, w // 8)}
+        return {"latent": batched(module.config.latent_channels, lh, lw)}
     return {"image": batched(module.config.in_channels, h, w)}
 
 
-def build_component(component: Component, module, folder: Path, precision: str, profiles: list[Profile]):
+def build_component(component: Component, module, folder: Path, precision: str, profiles: list[Profile], vae_scale: int):
     import tensorrt as trt
 
     first = profiles[0]
     onnx_path = folder / f".{component.value}.onnx"
-    refit = export_named(component, module, onnx_path, first.width, first.height)
+    refit = export_named(component, module, onnx_path, first.width, first.height, vae_scale)
     try:
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
@@ -61,7 +62,7 @@ def build_component(component: Component, module, folder: Path, precision: str, 
             config.set_flag(trt.BuilderFlag.FP16)
         seen = set()
         for profile in profiles:
-            shapes = profile_shapes(component, module, profile)
+            shapes = profile_shapes(component, module, profile, vae_scale)
             key = tuple(sorted(shapes.items()))
             if key in seen:  # the text encoder's profiles differ only in image size
                 continue

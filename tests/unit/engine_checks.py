@@ -9,7 +9,7 @@ import torch
 
 from impasto.backends.base import ModelEngines
 from impasto.compiler.parity import ImageRequest, generate, psnr
-from tiny_sd_model import PROFILE_SIZE, empty_prompt_ids, tiny_model_dir, token_ids, torch_engines
+from tiny_sd_model import PROFILE_SIZE, VAE_SCALE, empty_prompt_ids, tiny_model_dir, token_ids, torch_engines
 
 VAE_SCALING = 0.18215
 # Weights a LoRA would touch (attention, feed-forward, a conv for LoCon) plus a norm and a bias.
@@ -26,7 +26,7 @@ UNET_REFIT_NAMES = (
 
 def unet_inputs(seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    latent = PROFILE_SIZE // 8
+    latent = PROFILE_SIZE // VAE_SCALE
     return {
         "sample": torch.randn((batch, 4, latent, latent), generator=generator),
         "timestep": torch.tensor([500.0, 20.0][:batch]),
@@ -42,7 +42,7 @@ def weight_set(seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
 
 
 def request(num_steps: int = 3) -> ImageRequest:
-    return ImageRequest(token_ids(1), empty_prompt_ids(), PROFILE_SIZE, PROFILE_SIZE, num_steps)
+    return ImageRequest(token_ids(1), empty_prompt_ids(), PROFILE_SIZE, PROFILE_SIZE, num_steps, vae_scale=VAE_SCALE)
 
 
 def check_components_close(engines: ModelEngines, atol: float) -> None:
@@ -58,7 +58,7 @@ def check_components_close(engines: ModelEngines, atol: float) -> None:
     want = reference.text_encoder.run({"input_ids": ids})["last_hidden_state"]
     assert torch.allclose(got, want, atol=atol, rtol=0), (got - want).abs().max()
 
-    latent = torch.randn((1, 4, PROFILE_SIZE // 8, PROFILE_SIZE // 8), generator=torch.Generator().manual_seed(5))
+    latent = torch.randn((1, 4, PROFILE_SIZE // VAE_SCALE, PROFILE_SIZE // VAE_SCALE), generator=torch.Generator().manual_seed(5))
     got = engines.vae_decoder.run({"latent": latent})["image"]
     want = reference.vae_decoder.run({"latent": latent})["image"]
     assert torch.allclose(got, want, atol=atol, rtol=0), (got - want).abs().max()

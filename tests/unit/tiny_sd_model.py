@@ -83,7 +83,8 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(_root() / "tiny-model")
 
 
-PROFILE_SIZE = 64  # pixels; latents 8x8, small enough for the CPU tests
+PROFILE_SIZE = 32  # pixels; the tiny VAE's scale is 2, so latents are 16x16
+VAE_SCALE = 2
 
 
 @functools.cache
