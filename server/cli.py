@@ -23,6 +23,7 @@ def _serve(args) -> int:
         max_batch_size=args.max_batch_size,
         metrics_port=args.metrics_port,
         admission_wait_ms=args.admission_wait_ms,
+        adapters_dir=args.adapters_dir,
     )
 
     async def run() -> None:
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--models-dir", type=Path, help="a folder of diffusers-format model folders")
     serve.add_argument("--default-model", help="the model used when a request names none")
+    serve.add_argument("--adapters-dir", type=Path, help="where uploaded LoRA adapters are stored (default: <data dir>/adapters)")
     serve.add_argument("--max-batch-size", type=int, help="images per UNet call; 1 turns batching off")
     serve.add_argument("--admission-wait-ms", type=float, help="wait this long for more requests before a batch starts from idle")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")

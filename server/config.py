@@ -6,6 +6,7 @@ Example impasto.toml:
     host = "127.0.0.1"
     port = 50051
     models_dir = "/srv/models"
+    adapters_dir = "/srv/impasto/adapters"
 
     [limits]
     max_pixels = 1048576
@@ -17,6 +18,7 @@ Example impasto.toml:
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +33,10 @@ class Limits:
     max_queue_length: int = 64
     max_message_bytes: int = 64 * 1024 * 1024
     max_prompt_chars: int = 20_000
+    # Largest adapter file UploadAdapter accepts.
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    # Merged LoRA weights (base + delta per target weight) kept for fast switching, in bytes.
+    adapter_cache_bytes: int = 2 * 1024 * 1024 * 1024
 
     def validate(self) -> None:
         for f in fields(self):
@@ -56,6 +62,13 @@ class SchedulerConfig:
             raise ValueError(f"scheduler.priority_aging_s must be > 0, got {self.priority_aging_s}")
 
 
+def default_data_dir() -> Path:
+    """$IMPASTO_DATA_DIR, else $XDG_DATA_HOME/impasto, else ~/.local/share/impasto."""
+    if os.environ.get("IMPASTO_DATA_DIR"):
+        return Path(os.environ["IMPASTO_DATA_DIR"])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "impasto"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -65,8 +78,14 @@ class ServerConfig:
     models_dir: Path | None = None
     default_model: str = ""
     include_embedded_model: bool = True
+    # Uploaded LoRA adapters live here (by content hash); None: <data dir>/adapters.
+    adapters_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        return Path(self.adapters_dir) if self.adapters_dir is not None else default_data_dir() / "adapters"
 
     def validate(self) -> "ServerConfig":
         if not 0 <= self.port < 65536:
@@ -93,8 +112,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
         server = dict(data.get("server", {}))
-        if "models_dir" in server:
-            server["models_dir"] = Path(server["models_dir"])
+        for key in ("models_dir", "adapters_dir"):
+            if key in server:
+                server[key] = Path(server[key])
         config = replace(
             _section(ServerConfig, server, f"{path} [server]"),
             limits=_section(Limits, data.get("limits", {}), f"{path} [limits]"),

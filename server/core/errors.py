@@ -23,3 +23,7 @@ class QueueFull(RuntimeError):
 
 class Unimplemented(NotImplementedError):
     """A field the API reserves but this server does not serve yet."""
+
+
+class AlreadyExists(RuntimeError):
+    """A name or content is already taken; the message names the holder."""

@@ -13,11 +13,17 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from impasto import __version__
 from impasto.backends.availability import all_backend_status
 from impasto.config import ServerConfig
 
+from impasto.lora import match_targets
+
+from .adapter_registry import AdapterRecord, AdapterRegistry
+from .adapter_syntax import extract_lora_tags, parse_schedule
+from .adapter_weights import ActiveAdapter, RequestAdapters, base_weight_shapes
 from .errors import InvalidArgument, NotFound, QueueFull
 from .image_encoding import MIME_TYPES, encode_image
 from .metrics import Metrics
@@ -38,12 +44,15 @@ class ImageEngine:
         self.config = config
         self.registry = registry or ModelRegistry(config.models_dir, config.default_model, config.include_embedded_model)
         self.metrics = Metrics()
+        self.adapters = AdapterRegistry(config.resolved_adapters_dir)
         self.step_loop = StepLoop(
             config.scheduler.max_batch_size,
             admission_wait_s=config.scheduler.admission_wait_ms / 1000.0,
             priority_aging_s=config.scheduler.priority_aging_s,
             metrics=self.metrics,
+            adapter_cache_bytes=config.limits.adapter_cache_bytes,
         )
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] = {}
         self.metrics.queue_length.set_function(lambda: self._waiting)
         self._encoder_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="impasto-encode")
         self._loader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="impasto-load")
@@ -70,7 +79,9 @@ class ImageEngine:
         resolved = resolve_spec(spec, entry, self.config.limits)
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._loader_pool, self.registry.load, entry.name)
-        chunks, negative_chunks = model.tokenizer.pair(resolved.prompt, resolved.negative_prompt)
+        # `<lora:...>` tags leave the text the model sees; the infotext keeps them (as A1111 does).
+        text_prompt, adapters = await loop.run_in_executor(self._loader_pool, self._request_adapters, spec, model)
+        chunks, negative_chunks = model.tokenizer.pair(text_prompt, resolved.negative_prompt)
 
         with self._waiting_lock:
             if self._waiting >= self.config.limits.max_queue_length:
@@ -92,6 +103,7 @@ class ImageEngine:
             spec=resolved,
             sampler=get_sampler(resolved.sampler),
             model=model,
+            adapters=adapters,
             chunks=chunks,
             negative_chunks=negative_chunks,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
@@ -123,6 +135,88 @@ class ImageEngine:
             if not finished:
                 self.metrics.cancellations.inc()
                 self.step_loop.abort(request_id)
+
+    # --- adapters ---------------------------------------------------------------------------
+    def _base_shapes(self, model) -> dict[str, tuple[int, ...]]:
+        shapes = self._shapes.get(model.entry.name)
+        if shapes is None:
+            shapes = base_weight_shapes(model.engines.unet, "unet") | base_weight_shapes(model.engines.text_encoder, "text_encoder")
+            self._shapes[model.entry.name] = shapes
+        return shapes
+
+    def _request_adapters(self, spec: GenerationSpec, model) -> tuple[str, RequestAdapters]:
+        """(the prompt without `<lora:>` tags, the request's adapters resolved and checked)."""
+        text, tags = extract_lora_tags(spec.prompt)
+        refs = [(t.name, t.weight, t.schedule, "prompt") for t in tags]
+        for i, ref in enumerate(spec.adapters):
+            schedule = parse_schedule(ref.weight_schedule, f"adapters[{i}].weight_schedule") if ref.weight_schedule else None
+            refs.append((ref.adapter, ref.weight, schedule, f"adapters[{i}].adapter"))
+        items: list[ActiveAdapter] = []
+        for ref, weight, schedule, field in refs:
+            try:
+                record = self.adapters.resolve(ref)
+            except NotFound as exc:
+                raise InvalidArgument(field, str(exc)) from None
+            if any(a.record.id == record.id for a in items):
+                raise InvalidArgument(field, f"adapter '{record.name}' is named twice; name it once with the summed weight")
+            if record.model != model.entry.name:
+                report = match_targets(self.adapters.load(record), self._base_shapes(model))
+                if report.errors:
+                    raise InvalidArgument(field, f"adapter '{record.name}' does not fit model '{model.entry.name}': " + "; ".join(report.errors))
+            items.append(
+                ActiveAdapter(
+                    record=record,
+                    alias=record.name,
+                    weight=float(weight),
+                    schedule=schedule,
+                    unet=self.adapters.view(record, "unet"),
+                    text_encoder=self.adapters.view(record, "text_encoder"),
+                )
+            )
+        return text, RequestAdapters(tuple(items))
+
+    async def upload_adapter(
+        self, *, name: str, format: str | None, model: str, chunks: AsyncIterator[bytes], declared_size: int = 0
+    ) -> tuple[AdapterRecord, bool]:
+        """Store an adapter from a stream of byte chunks; (record, already_existed)."""
+        limit = self.config.limits.max_adapter_bytes
+        too_big = f"the adapter size limit is {limit} bytes (limits.max_adapter_bytes)"
+        self.adapters.check_name(name, format)
+        if declared_size > limit:
+            raise InvalidArgument("size_bytes", f"{declared_size} bytes; {too_big}")
+        try:
+            entry = self.registry.resolve(model)
+        except NotFound as exc:
+            raise InvalidArgument("model", str(exc).removeprefix("model: ")) from None
+        loop = asyncio.get_running_loop()
+        path = self.adapters.new_upload_path()
+        try:
+            total = 0
+            with open(path, "wb") as f:
+                async for chunk in chunks:
+                    total += len(chunk)
+                    if total > limit:
+                        raise InvalidArgument("data", f"the upload passed {limit} bytes; {too_big}")
+                    f.write(chunk)
+            if total == 0:
+                raise InvalidArgument("data", "the upload holds no bytes")
+            loaded = await loop.run_in_executor(self._loader_pool, self.registry.load, entry.name)
+            shapes = self._base_shapes(loaded)
+            add = partial(self.adapters.add, path, name=name, format=format, model=entry.name, named_weight_shapes=shapes)
+            return await loop.run_in_executor(self._loader_pool, add)
+        finally:
+            self.adapters.discard(path)
+
+    def list_adapters(self) -> list[AdapterRecord]:
+        return self.adapters.list()
+
+    def delete_adapter(self, ref: str) -> AdapterRecord:
+        if not ref:
+            raise InvalidArgument("adapter", "must name an adapter (id or name)")
+        try:
+            return self.adapters.delete(ref)
+        except NotFound as exc:
+            raise NotFound(f"adapter: {exc}") from None
 
     # --- descriptions -----------------------------------------------------------------------
     def models(self):

@@ -31,6 +31,14 @@ class Metrics:
         self.torch_fallbacks = Counter(
             "impasto_torch_fallbacks", "UNet calls run on the torch fallback because no compiled engine fitted", ["reason"], registry=r
         )
+        self.adapter_switch_seconds = Histogram(
+            "impasto_adapter_switch_seconds",
+            "Refitting an engine to another LoRA adapter set (merged weights from the cache or composed)",
+            ["component"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.adapter_cache_bytes = Gauge("impasto_adapter_cache_bytes", "Bytes of merged LoRA weights kept for switching", registry=r)
         self.embedding_cache_hits = Counter("impasto_text_embedding_cache_hits", "Prompt chunks served from the embedding cache", registry=r)
         self.embedding_cache_misses = Counter("impasto_text_embedding_cache_misses", "Prompt chunks run through the text encoder", registry=r)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter_weights import NO_ADAPTERS, RequestAdapters
 from .model_registry import LoadedModel
 from .samplers import SamplerDef, make_noise_scheduler
 from .spec import Event, ResolvedSpec
@@ -39,6 +40,7 @@ class RequestState:
     chunks: list[tuple[int, ...]]  # prompt token chunks
     negative_chunks: list[tuple[int, ...]]
     emit: Callable[[Event], None]
+    adapters: RequestAdapters = NO_ADAPTERS
     arrival: float = field(default_factory=time.monotonic)
     cond: torch.Tensor | None = None  # (1, 77*k, dim)
     uncond: torch.Tensor | None = None
@@ -52,7 +54,13 @@ class RequestState:
         # Everything that must be equal for requests to share one UNet call.
         latent_h = self.spec.height // self.model.vae_scale_factor
         latent_w = self.spec.width // self.model.vae_scale_factor
-        return (self.model.entry.name, latent_h, latent_w, len(self.chunks))
+        # The adapter set is part of it: the UNet's weights are refitted per set, never mixed.
+        return (self.model.entry.name, latent_h, latent_w, len(self.chunks), self.adapters.batch_key(self.request_id))
+
+    @property
+    def step_fraction(self) -> float:
+        """Fraction of the steps done before the next one (a weight schedule's clock)."""
+        return self.step_index / max(len(self.timesteps), 1)
 
     @property
     def num_denoiser_steps(self) -> int:

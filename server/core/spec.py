@@ -20,8 +20,9 @@ class Priority(int, Enum):
 
 @dataclass(frozen=True)
 class AdapterWeight:
-    adapter: str
-    weight: float
+    adapter: str  # id (or an id prefix) or name
+    weight: float = 1.0
+    weight_schedule: str = ""  # "w@f,w@f,..." (adapter_syntax.py); overrides weight when set
 
 
 @dataclass(frozen=True)

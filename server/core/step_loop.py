@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from impasto.lora import DeltaCache
+
+from .adapter_weights import ModelAdapters
 from .image_encoding import thumbnail, to_uint8
 from .infotext import format_infotext
 from .metrics import Metrics
@@ -49,6 +52,7 @@ class StepStats:
     batches: int = 0
     batched_images: int = 0
     mixed_step_batches: int = 0  # calls that joined requests at different step indices
+    adapter_switches: int = 0  # refits of an engine to another adapter set
     ema_step_seconds: float = 0.0
 
 
@@ -61,12 +65,17 @@ class StepLoop:
         priority_aging_s: float = 30.0,
         metrics: Metrics | None = None,
         embedding_cache_entries: int = 1024,
+        adapter_cache_bytes: int = 2 * 1024**3,
     ):
         self.scheduler = RequestScheduler(max_batch_size, priority_aging_s=priority_aging_s)
         self.admission_wait_s = admission_wait_s
         self.metrics = metrics or Metrics()
         self.embeddings = EmbeddingCache(embedding_cache_entries)
         self.stats = StepStats()
+        # Merged LoRA weights per adapter set, shared by every model's engines (keys carry the model hash).
+        self.adapter_cache = DeltaCache(adapter_cache_bytes)
+        self._model_adapters: dict[str, ModelAdapters] = {}
+        self.metrics.adapter_cache_bytes.set_function(lambda: self.adapter_cache.nbytes)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, RequestState] = {}
         self._positions: dict[str, int] = {}
@@ -162,12 +171,27 @@ class StepLoop:
                 self._finish([self._requests[r] for r in finished])
 
     # --- admission --------------------------------------------------------------------------
+    def adapters_of(self, model) -> ModelAdapters:
+        """The adapter state of a model's engines (step-loop thread only)."""
+        state = self._model_adapters.get(model.entry.name)
+        if state is None:
+            state = self._model_adapters[model.entry.name] = ModelAdapters(model, self.adapter_cache)
+        return state
+
+    def _apply_adapters(self, engine_adapters, items) -> None:
+        seconds = engine_adapters.apply(items)
+        if seconds is not None:
+            self.stats.adapter_switches += 1
+            self.metrics.adapter_switch_seconds.labels(engine_adapters.component).observe(seconds)
+
     def _admit(self, states: list[RequestState]) -> None:
-        by_model: dict[str, list[RequestState]] = {}
+        # One text-encoder pass per (model, text-encoder adapter set): the set is refitted into
+        # the encoder only when a chunk misses the cache, and the cache keys on the set.
+        groups: dict[tuple, list[RequestState]] = {}
         for state in states:
             self._positions.pop(state.request_id, None)
-            by_model.setdefault(state.model.entry.name, []).append(state)
-        for group in by_model.values():
+            groups.setdefault((state.model.entry.name, state.adapters.text_key()), []).append(state)
+        for (_, text_key), group in groups.items():
             model = group[0].model
             chunk_lists = []
             for state in group:
@@ -175,10 +199,20 @@ class StepLoop:
                 if state.spec.uses_cfg:
                     chunk_lists.append(state.negative_chunks)
             encoder = model.engines.text_encoder
+            text_set = group[0].adapters.text_encoder_set()
+
+            def run_text_encoder(ids, model=model, encoder=encoder, text_set=text_set):
+                self._apply_adapters(self.adapters_of(model).text_encoder, text_set)
+                return encoder.run({"input_ids": ids})["last_hidden_state"]
+
             hits, misses = self.embeddings.hits, self.embeddings.misses
-            embeds = iter(
-                self.embeddings.encode(chunk_lists, (model.entry.name,), lambda ids: encoder.run({"input_ids": ids})["last_hidden_state"])
-            )
+            try:
+                embeds = iter(self.embeddings.encode(chunk_lists, (model.entry.name, text_key), run_text_encoder))
+            except Exception as exc:
+                for state in group:
+                    self.scheduler.abort(state.request_id)
+                    self._fail(state.request_id, exc)
+                continue
             self.metrics.embedding_cache_hits.inc(self.embeddings.hits - hits)
             self.metrics.embedding_cache_misses.inc(self.embeddings.misses - misses)
             for state in group:
@@ -194,6 +228,10 @@ class StepLoop:
 
     # --- execute ----------------------------------------------------------------------------
     def _execute(self, batch: list[RequestState]) -> torch.Tensor:
+        # One batch has one UNet adapter set (its batch key); a scheduled weight is evaluated at
+        # the request's own step (a request with a schedule runs alone).
+        head = batch[0]
+        self._apply_adapters(self.adapters_of(head.model).unet, head.adapters.unet_set(head.step_fraction))
         samples, timesteps, contexts = [], [], []
         for state in batch:
             t = state.timesteps[state.step_index]
@@ -303,6 +341,7 @@ class StepLoop:
             height=spec.height,
             model_hash=state.model.entry.short_hash,
             model_name=state.model.entry.name,
+            extra=state.adapters.infotext(),
         )
 
     def _fail(self, request_id: str, error: BaseException) -> None:

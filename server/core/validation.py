@@ -12,7 +12,7 @@ import secrets
 
 from impasto.config import Limits
 
-from .errors import InvalidArgument, Unimplemented
+from .errors import InvalidArgument
 from .model_registry import ModelEntry
 from .samplers import get_sampler
 from .spec import GenerationSpec, ResolvedSpec
@@ -62,8 +62,12 @@ def resolve_spec(spec: GenerationSpec, model: ModelEntry, limits: Limits) -> Res
 
     if spec.preview_every < 0:
         raise InvalidArgument("preview_every", f"must not be negative, got {spec.preview_every}")
-    if spec.adapters:
-        raise Unimplemented("adapters: LoRA adapters are not served by this version yet")
+    for i, ref in enumerate(spec.adapters):
+        # Which adapters exist is the adapter registry's business (image_engine); here, the form.
+        if not ref.adapter:
+            raise InvalidArgument(f"adapters[{i}].adapter", "must name an adapter (id or name)")
+        if not math.isfinite(ref.weight):
+            raise InvalidArgument(f"adapters[{i}].weight", f"must be a finite number, got {ref.weight}")
 
     return ResolvedSpec(
         prompt=spec.prompt,

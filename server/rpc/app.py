@@ -11,14 +11,19 @@ from grpc_reflection.v1alpha import reflection
 from impasto.config import ServerConfig
 from impasto.core.image_engine import ImageEngine
 
+from .adapter_servicer import AdapterServicer
 from .errors_interceptor import ErrorsInterceptor
 from .image_servicer import ImageServicer
+from .pb import adapter_service_pb2 as adapter_pb
+from .pb import adapter_service_pb2_grpc as adapter_pb_grpc
 from .pb import image_service_pb2 as pb
 from .pb import image_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 IMAGE_SERVICE = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
+ADAPTER_SERVICE = adapter_pb.DESCRIPTOR.services_by_name["AdapterService"].full_name
+SERVICES = (IMAGE_SERVICE, ADAPTER_SERVICE)
 
 
 class ImpastoServer:
@@ -33,9 +38,10 @@ class ImpastoServer:
         ]
         self.server = grpc.aio.server(interceptors=[ErrorsInterceptor()], options=options)
         pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(self.engine), self.server)
+        adapter_pb_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(self.engine), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((IMAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
@@ -48,12 +54,12 @@ class ImpastoServer:
         if self.config.metrics_port is not None:
             self.metrics_port = self.engine.metrics.serve(self.config.metrics_port, self.config.host)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
-        for service in ("", IMAGE_SERVICE):
+        for service in ("", *SERVICES):
             await _set_status(self.health, service, health_pb2.HealthCheckResponse.SERVING)
         log.info("impasto serving on %s:%d", self.config.host, self.port)
 
     async def stop(self, grace: float = 5.0) -> None:
-        for service in ("", IMAGE_SERVICE):
+        for service in ("", *SERVICES):
             await _set_status(self.health, service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
         self.engine.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from impasto.core import spec as core
 from impasto.core.errors import InvalidArgument
 
+from .pb import adapter_service_pb2 as adapter_pb
 from .pb import image_service_pb2 as pb
 
 _FORMATS = {
@@ -38,7 +39,7 @@ def generation_spec(request: pb.GenerateRequest) -> core.GenerationSpec:
         num_images=request.num_images,
         image_format=_FORMATS[request.image_format],
         preview_every=request.preview_every,
-        adapters=tuple(core.AdapterWeight(a.adapter, a.weight) for a in request.adapters),
+        adapters=tuple(core.AdapterWeight(a.adapter, a.weight, a.weight_schedule) for a in request.adapters),
         priority=_PRIORITIES[request.priority],
     )
 
@@ -128,4 +129,38 @@ def server_info(info: dict) -> pb.GetServerInfoResponse:
             )
             for model, e in info["engines"]
         ],
+    )
+
+
+ADAPTER_FORMATS = {
+    adapter_pb.ADAPTER_FORMAT_KOHYA: "kohya",
+    adapter_pb.ADAPTER_FORMAT_DIFFUSERS: "diffusers",
+    adapter_pb.ADAPTER_FORMAT_PEFT: "peft",
+    adapter_pb.ADAPTER_FORMAT_CLONEOFSIMO: "cloneofsimo",
+}
+_ADAPTER_FORMAT_ENUMS = {name: value for value, name in ADAPTER_FORMATS.items()}
+
+
+def adapter_format_hint(value: int) -> str | None:
+    """The upload header's format: None (detect) for UNSPECIFIED."""
+    if value == adapter_pb.ADAPTER_FORMAT_UNSPECIFIED:
+        return None
+    if value not in ADAPTER_FORMATS:
+        raise InvalidArgument("header.format", f"unknown value {value}")
+    return ADAPTER_FORMATS[value]
+
+
+def adapter_info(record) -> adapter_pb.AdapterInfo:
+    return adapter_pb.AdapterInfo(
+        id=record.id,
+        name=record.name,
+        format=_ADAPTER_FORMAT_ENUMS.get(record.format, adapter_pb.ADAPTER_FORMAT_UNSPECIFIED),
+        ranks=list(record.ranks),
+        num_targets=record.num_targets,
+        size_bytes=record.size_bytes,
+        short_hash=record.short_hash,
+        has_embeddings=record.has_embeddings,
+        sha256=record.sha256,
+        model=record.model,
+        components=list(record.components),
     )

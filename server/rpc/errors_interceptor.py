@@ -12,13 +12,14 @@ import logging
 
 import grpc
 
-from impasto.core.errors import InvalidArgument, NotFound, QueueFull, Unavailable, Unimplemented
+from impasto.core.errors import AlreadyExists, InvalidArgument, NotFound, QueueFull, Unavailable, Unimplemented
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (Unimplemented, grpc.StatusCode.UNIMPLEMENTED),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from impasto.config import Limits
-from impasto.core.errors import InvalidArgument, Unimplemented
+from impasto.core.errors import InvalidArgument
 from impasto.core.model_registry import GenerationDefaults, ModelEntry
 from impasto.core.spec import AdapterWeight, GenerationSpec
 from impasto.core.validation import resolve_spec
@@ -54,6 +54,10 @@ def test_bad_fields_are_named(changes, field):
     assert info.value.field == field and str(info.value).startswith(f"{field}:")
 
 
-def test_adapters_are_not_served_yet():
-    with pytest.raises(Unimplemented, match="adapters"):
-        resolve_spec(GenerationSpec(prompt="x", adapters=(AdapterWeight("a", 1.0),)), MODEL, LIMITS)
+def test_adapter_refs_are_checked_for_form():
+    # Whether the adapter exists is the adapter registry's check (image_engine); here, the form.
+    resolve_spec(GenerationSpec(prompt="x", adapters=(AdapterWeight("a", 1.0),)), MODEL, LIMITS)
+    with pytest.raises(InvalidArgument, match=r"^adapters\[1\].adapter: must name"):
+        resolve_spec(GenerationSpec(prompt="x", adapters=(AdapterWeight("a"), AdapterWeight(""))), MODEL, LIMITS)
+    with pytest.raises(InvalidArgument, match=r"^adapters\[0\].weight: must be a finite"):
+        resolve_spec(GenerationSpec(prompt="x", adapters=(AdapterWeight("a", math.inf),)), MODEL, LIMITS)

@@ -11,6 +11,7 @@
 from .aio import AsyncImpastoClient
 from .client import ImpastoClient
 from .errors import (
+    AlreadyExistsError,
     CancelledError,
     DeadlineExceededError,
     ImpastoError,
@@ -22,6 +23,7 @@ from .errors import (
 from .events import Done, Image, Progress, Queued, Started
 
 __all__ = [
+    "AlreadyExistsError",
     "AsyncImpastoClient",
     "CancelledError",
     "DeadlineExceededError",

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from .client import DEFAULT_MAX_MESSAGE_BYTES
+from .client import DEFAULT_MAX_MESSAGE_BYTES, upload_requests
 from .errors import from_rpc_error
 from .events import Event, build_request, from_response
+from .pb import adapter_service_pb2 as adapter_pb
+from .pb import adapter_service_pb2_grpc as adapter_pb_grpc
 from .pb import image_service_pb2 as pb
 from .pb import image_service_pb2_grpc as pb_grpc
 
@@ -20,6 +22,7 @@ class AsyncImpastoClient:
             options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)],
         )
         self._stub = pb_grpc.ImageServiceStub(self._channel)
+        self._adapters = adapter_pb_grpc.AdapterServiceStub(self._channel)
 
     async def generate(self, prompt: str, *, timeout: float | None = None, request_id: str = "", **options) -> AsyncIterator[Event]:
         """Yield the typed events of one request; leaving the loop early cancels it on the server."""
@@ -41,6 +44,18 @@ class AsyncImpastoClient:
 
     async def server_info(self) -> pb.GetServerInfoResponse:
         return await self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+
+    # --- adapters ---
+    async def upload_adapter(self, path_or_bytes, name: str, *, format: str | None = None, model: str = "", timeout: float | None = 300.0) -> adapter_pb.AdapterInfo:
+        """Upload a LoRA safetensors file (a path or its bytes) under a unique name; returns its AdapterInfo."""
+        # grpc.aio accepts a plain iterator for a client stream; the file is read as it is sent.
+        return (await self._call(self._adapters.UploadAdapter, upload_requests(path_or_bytes, name, format, model), timeout=timeout)).adapter
+
+    async def list_adapters(self) -> list[adapter_pb.AdapterInfo]:
+        return list((await self._call(self._adapters.ListAdapters, adapter_pb.ListAdaptersRequest())).adapters)
+
+    async def delete_adapter(self, id_or_name: str) -> adapter_pb.AdapterInfo:
+        return (await self._call(self._adapters.DeleteAdapter, adapter_pb.DeleteAdapterRequest(adapter=id_or_name))).adapter
 
     @staticmethod
     async def _call(method, request, timeout: float | None = 30.0):

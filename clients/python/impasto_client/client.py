@@ -8,10 +8,45 @@ import grpc
 
 from .errors import from_rpc_error
 from .events import Event, build_request, from_response
+from .pb import adapter_service_pb2 as adapter_pb
+from .pb import adapter_service_pb2_grpc as adapter_pb_grpc
 from .pb import image_service_pb2 as pb
 from .pb import image_service_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+ADAPTER_FORMATS = {
+    None: adapter_pb.ADAPTER_FORMAT_UNSPECIFIED,
+    "kohya": adapter_pb.ADAPTER_FORMAT_KOHYA,
+    "diffusers": adapter_pb.ADAPTER_FORMAT_DIFFUSERS,
+    "peft": adapter_pb.ADAPTER_FORMAT_PEFT,
+    "cloneofsimo": adapter_pb.ADAPTER_FORMAT_CLONEOFSIMO,
+}
+
+
+def upload_requests(path_or_bytes, name: str, format: str | None = None, model: str = "") -> Iterator[adapter_pb.UploadAdapterRequest]:
+    """The UploadAdapter stream: the header, then the file in 1 MiB chunks (read lazily from a path)."""
+    if format not in ADAPTER_FORMATS:
+        raise ValueError(f"format must be one of {sorted(f for f in ADAPTER_FORMATS if f)} or None, got {format!r}")
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(path_or_bytes)
+        size = len(data)
+        chunks = (data[i : i + UPLOAD_CHUNK_BYTES] for i in range(0, size, UPLOAD_CHUNK_BYTES))
+    else:
+        import os
+
+        size = os.path.getsize(path_or_bytes)
+
+        def read():
+            with open(path_or_bytes, "rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                    yield chunk
+
+        chunks = read()
+    header = adapter_pb.UploadAdapterHeader(name=name, format=ADAPTER_FORMATS[format], model=model, size_bytes=size)
+    yield adapter_pb.UploadAdapterRequest(header=header)
+    for chunk in chunks:
+        yield adapter_pb.UploadAdapterRequest(chunk=chunk)
 
 
 class ImpastoClient:
@@ -21,13 +56,15 @@ class ImpastoClient:
             options=[("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)],
         )
         self._stub = pb_grpc.ImageServiceStub(self._channel)
+        self._adapters = adapter_pb_grpc.AdapterServiceStub(self._channel)
 
     def generate(self, prompt: str, *, timeout: float | None = None, request_id: str = "", **options) -> Iterator[Event]:
         """Yield the typed events of one request. Breaking out of the loop cancels it on the server.
 
         Options are GenerateRequest's fields by name: negative_prompt, model, width, height,
         num_steps, guidance_scale, sampler, seed, num_images, image_format ("png", "jpeg",
-        "webp"), preview_every, priority ("interactive", "batch").
+        "webp"), preview_every, priority ("interactive", "batch"), adapters ([(name or id,
+        weight)], the weight a float or a schedule string like "0@0,1@0.5").
         """
         metadata = (("x-request-id", request_id),) if request_id else None
         call = self._stub.Generate(build_request(prompt, **options), timeout=timeout, metadata=metadata)
@@ -47,6 +84,17 @@ class ImpastoClient:
 
     def server_info(self) -> pb.GetServerInfoResponse:
         return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+
+    # --- adapters ---
+    def upload_adapter(self, path_or_bytes, name: str, *, format: str | None = None, model: str = "", timeout: float | None = 300.0) -> adapter_pb.AdapterInfo:
+        """Upload a LoRA safetensors file (a path or its bytes) under a unique name; returns its AdapterInfo."""
+        return self._call(self._adapters.UploadAdapter, upload_requests(path_or_bytes, name, format, model), timeout=timeout).adapter
+
+    def list_adapters(self) -> list[adapter_pb.AdapterInfo]:
+        return list(self._call(self._adapters.ListAdapters, adapter_pb.ListAdaptersRequest()).adapters)
+
+    def delete_adapter(self, id_or_name: str) -> adapter_pb.AdapterInfo:
+        return self._call(self._adapters.DeleteAdapter, adapter_pb.DeleteAdapterRequest(adapter=id_or_name)).adapter
 
     @staticmethod
     def _call(method, request, timeout: float | None = 30.0):

@@ -20,6 +20,10 @@ class NotFoundError(ImpastoError):
     pass
 
 
+class AlreadyExistsError(ImpastoError):
+    """A name or adapter is already taken; the message names the holder."""
+
+
 class QueueFullError(ImpastoError):
     """The server's queue is full; retry later (with backoff)."""
 
@@ -39,6 +43,7 @@ class DeadlineExceededError(ImpastoError):
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: QueueFullError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: UnavailableError,

@@ -79,6 +79,16 @@ _FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "jpg": pb.
 _PRIORITIES = {"interactive": pb.PRIORITY_INTERACTIVE, "batch": pb.PRIORITY_BATCH}
 
 
+def adapter_ref(adapter: str, weight: float | str = 1.0) -> pb.AdapterRef:
+    """(name or id, weight) -> AdapterRef; a string weight with '@' is a per-step schedule
+    ("0@0,1@0.5": weight 0 at the start, 1 from half-way, linear in between)."""
+    if isinstance(weight, str):
+        if "@" in weight:
+            return pb.AdapterRef(adapter=adapter, weight_schedule=weight)
+        weight = float(weight)
+    return pb.AdapterRef(adapter=adapter, weight=weight)
+
+
 def build_request(
     prompt: str,
     *,
@@ -93,7 +103,7 @@ def build_request(
     num_images: int = 1,
     image_format: str = "png",
     preview_every: int = 0,
-    adapters: list[tuple[str, float]] | None = None,
+    adapters: list[tuple[str, float] | tuple[str, float | str]] | None = None,
     priority: str = "interactive",
 ) -> pb.GenerateRequest:
     if image_format.lower() not in _FORMATS:
@@ -110,7 +120,7 @@ def build_request(
         num_images=num_images,
         image_format=_FORMATS[image_format.lower()],
         preview_every=preview_every,
-        adapters=[pb.AdapterRef(adapter=a, weight=w) for a, w in (adapters or [])],
+        adapters=[adapter_ref(a, w) for a, w in (adapters or [])],
         priority=_PRIORITIES[priority],
     )
     if num_steps is not None:

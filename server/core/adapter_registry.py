@@ -1,0 +1,271 @@
+"""The adapters a server can apply: uploaded LoRA files, stored by content hash, with a unique name.
+
+Layout of the adapters directory (one pair per adapter):
+
+    <id>.safetensors   the uploaded file, byte for byte (A1111's hash is of the file)
+    <id>.json          its record: name, format, ranks, targets, hashes, the model it was checked on
+
+`id` is the canonical content hash (`CanonicalAdapter.content_hash`): the same adapter uploaded
+as kohya or as diffusers is one adapter. Every write is atomic (a temporary file in the same
+directory, then `os.replace`), and the record is written last, so it is the commit marker: a
+crash leaves either a complete adapter or none. On start the directory is scanned again, so
+adapters survive a restart.
+
+An upload is checked before it is stored: safetensors only (pickles are refused with the
+reason), parsed into the canonical form, and matched against the base model. An unknown or
+unmatched target or a shape mismatch refuses the whole upload, naming the keys; nothing is ever
+partly applied. Adapters with textual-inversion embeddings are refused for now (see
+`_refuse_embeddings`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from impasto.lora import AdapterFormatError, CanonicalAdapter, a1111_short_hash, load_adapter, match_targets
+from impasto.lora.canonical import split_target
+from impasto.lora.files import write_json
+
+from .errors import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+# Names appear in `<lora:name:weight>` tags, so no ':' '<' '>' or spaces.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+MIN_ID_PREFIX = 8
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    id: str
+    name: str
+    format: str
+    ranks: tuple[int, ...]
+    num_targets: int
+    size_bytes: int
+    sha256: str  # A1111's hash of the file
+    has_embeddings: bool
+    model: str  # the model it was matched against at upload
+    components: tuple[str, ...]
+    created: float = 0.0
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def short_hash(self) -> str:
+        return a1111_short_hash(self.sha256)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["ranks"], d["components"], d["warnings"] = list(self.ranks), list(self.components), list(self.warnings)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AdapterRecord":
+        d = dict(d)
+        for key in ("ranks", "components", "warnings"):
+            d[key] = tuple(d.get(key, ()))
+        return cls(**d)
+
+
+def _refuse_embeddings(adapter: CanonicalAdapter) -> None:
+    # Textual-inversion tokens need new rows in the token table (or reserved ones) and a
+    # tokenizer that knows them, without changing what other requests' tokens mean. Not done
+    # yet; refusing is better than applying the LoRA half of the file silently.
+    if adapter.embeddings:
+        tokens = ", ".join(sorted(adapter.embeddings))
+        raise InvalidArgument("data", f"the file carries textual-inversion embeddings ({tokens}); embeddings are not served yet: upload the LoRA without them")
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path):
+        self.root = Path(root)  # created by the first upload, so a server without adapters writes nothing
+        self._records: dict[str, AdapterRecord] = {}
+        self._loaded: dict[str, CanonicalAdapter] = {}
+        self._views: dict[tuple[str, str], CanonicalAdapter | None] = {}
+        self._lock = threading.RLock()
+        self.scan()
+
+    # --- storage ------------------------------------------------------------------------------
+    def _file(self, adapter_id: str) -> Path:
+        return self.root / f"{adapter_id}.safetensors"
+
+    def _record_file(self, adapter_id: str) -> Path:
+        return self.root / f"{adapter_id}.json"
+
+    def scan(self) -> None:
+        """Read every record in the directory again; drop leftovers of interrupted uploads."""
+        records = {}
+        for path in sorted(self.root.glob("*.json")) if self.root.is_dir() else []:
+            try:
+                record = AdapterRecord.from_json(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("adapter record %s is unreadable, skipped: %s", path, exc)
+                continue
+            if not self._file(record.id).is_file():
+                log.warning("adapter %s (%s): its file is missing, skipped", record.name, record.id)
+                continue
+            if any(r.name == record.name for r in records.values()):
+                log.warning("adapter %s (%s): the name is taken by another record, skipped", record.name, record.id)
+                continue
+            records[record.id] = record
+        for leftover in self.root.glob(".upload-*") if self.root.is_dir() else []:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        with self._lock:
+            self._records = records
+            self._loaded.clear()
+            self._views.clear()
+        log.info("adapters: %d in %s", len(records), self.root)
+
+    def new_upload_path(self) -> Path:
+        """A temporary file in the adapters directory for an upload's bytes (same filesystem, so
+        the final move is one atomic rename). `add` consumes it; `discard` removes it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".safetensors", dir=self.root)
+        os.close(fd)
+        return Path(tmp)
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    # --- lookups -------------------------------------------------------------------------------
+    def list(self) -> list[AdapterRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: r.name)
+
+    def resolve(self, ref: str) -> AdapterRecord:
+        """By name, id, or an unambiguous id prefix of at least MIN_ID_PREFIX characters."""
+        with self._lock:
+            if ref in self._records:
+                return self._records[ref]
+            for record in self._records.values():
+                if record.name == ref:
+                    return record
+            if len(ref) >= MIN_ID_PREFIX:
+                found = [r for r in self._records.values() if r.id.startswith(ref.lower())]
+                if len(found) == 1:
+                    return found[0]
+            known = ", ".join(r.name for r in self.list()) or "none"
+            raise NotFound(f"unknown adapter '{ref}'; known: {known}")
+
+    def load(self, record: AdapterRecord) -> CanonicalAdapter:
+        with self._lock:
+            adapter = self._loaded.get(record.id)
+        if adapter is None:
+            adapter = load_adapter(self._file(record.id), format=record.format)
+            with self._lock:
+                self._loaded[record.id] = adapter
+        return adapter
+
+    def view(self, record: AdapterRecord, component: str) -> CanonicalAdapter | None:
+        """The adapter's modules of one component (None if it has none), cached: its content
+        hash keys the merged-weights cache."""
+        key = (record.id, component)
+        with self._lock:
+            if key in self._views:
+                return self._views[key]
+        adapter = self.load(record)
+        modules = {t: m for t, m in adapter.modules.items() if split_target(t)[0] == component}
+        view = CanonicalAdapter(modules=modules, source_format=adapter.source_format, file_sha256=adapter.file_sha256) if modules else None
+        with self._lock:
+            self._views[key] = view
+        return view
+
+    # --- changes -------------------------------------------------------------------------------
+    def add(
+        self,
+        upload: Path,
+        *,
+        name: str,
+        format: str | None,
+        model: str,
+        named_weight_shapes: Mapping[str, tuple[int, ...]],
+    ) -> tuple[AdapterRecord, bool]:
+        """Check the uploaded file at `upload` and store it; returns (record, already_existed).
+
+        The temporary file is consumed (moved into place or deleted) whatever happens.
+        """
+        try:
+            return self._add(upload, name=name, format=format, model=model, named_weight_shapes=named_weight_shapes)
+        finally:
+            self.discard(upload)
+
+    @staticmethod
+    def check_name(name: str, format: str | None = None) -> None:
+        """The header's checks, done before any byte of the file is received."""
+        if not NAME_PATTERN.match(name or ""):
+            raise InvalidArgument("name", f"{name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if re.fullmatch(r"[0-9a-f]{64}", name):
+            raise InvalidArgument("name", "must not look like an adapter id (64 hex digits)")
+        if format is not None and format not in FORMATS:
+            raise InvalidArgument("format", f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+
+    def _add(self, upload, *, name, format, model, named_weight_shapes):
+        self.check_name(name, format)
+        try:
+            adapter = load_adapter(upload, format=format)
+        except AdapterFormatError as exc:
+            raise InvalidArgument("data", str(exc).replace(str(upload), f"upload '{name}'")) from None
+        _refuse_embeddings(adapter)
+        if not adapter.modules:
+            raise InvalidArgument("data", "the file holds no LoRA modules")
+        report = match_targets(adapter, named_weight_shapes)
+        if report.errors:
+            raise InvalidArgument("data", f"adapter does not fit model '{model}': " + "; ".join(report.errors))
+        adapter_id = adapter.content_hash
+        record = AdapterRecord(
+            id=adapter_id,
+            name=name,
+            format=adapter.source_format,
+            ranks=tuple(adapter.ranks),
+            num_targets=len(adapter.modules),
+            size_bytes=upload.stat().st_size,
+            sha256=adapter.file_sha256 or "",
+            has_embeddings=bool(adapter.embeddings),
+            model=model,
+            components=tuple(adapter.components),
+            created=time.time(),
+            warnings=tuple(adapter.warnings + report.warnings),
+        )
+        with self._lock:
+            existing = self._records.get(adapter_id)
+            if existing is not None:
+                if existing.name == name:
+                    return existing, True
+                raise AlreadyExists(f"adapter: this content is already stored as '{existing.name}' (id {adapter_id})")
+            holder = next((r for r in self._records.values() if r.name == name), None)
+            if holder is not None:
+                raise AlreadyExists(f"name: '{name}' is taken by adapter {holder.id}; delete it first or choose another name")
+            os.replace(upload, self._file(adapter_id))
+            write_json(self._record_file(adapter_id), record.to_json())  # the commit marker, last
+            self._records[adapter_id] = record
+            self._loaded[adapter_id] = adapter
+        log.info("adapter %s stored as %s (%s, %d targets)", name, adapter_id, record.format, record.num_targets)
+        return record, False
+
+    def delete(self, ref: str) -> AdapterRecord:
+        with self._lock:
+            record = self.resolve(ref)
+            # Record first: a crash after it leaves an orphan file, never a record without a file.
+            self._record_file(record.id).unlink(missing_ok=True)
+            self._file(record.id).unlink(missing_ok=True)
+            self._records.pop(record.id, None)
+            self._loaded.pop(record.id, None)
+            for component in ("unet", "text_encoder", "text_encoder_2"):
+                self._views.pop((record.id, component), None)
+        # Requests already admitted hold the adapter itself, so they finish as asked.
+        log.info("adapter %s (%s) deleted", record.name, record.id)
+        return record

@@ -1,0 +1,84 @@
+"""Real LoRA files for the DEFAULT model, written by peft's and diffusers' own code.
+
+peft `LoraConfig(init_lora_weights=False)` injected into the default model's UNet (and text
+encoder), lora_B scaled down so the image changes clearly without blowing up, saved with
+`StableDiffusionPipeline.save_lora_weights` (diffusers format) and converted to kohya with
+diffusers' `convert_state_dict_to_kohya`. No key is written by hand (except in the tests that
+corrupt a file on purpose).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+warnings.filterwarnings("ignore")
+
+from impasto.models import default_model_path  # noqa: E402
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _inject(model, targets, rank, seed, b_scale):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(b_scale)
+    return {k.removeprefix("base_model.model."): v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def lora_state_dicts(seed: int, *, text_encoder: bool, rank: int = 4, b_scale: float = 0.5):
+    """(unet peft state dict, text-encoder peft state dict or None) for the default model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    root = Path(default_model_path())
+    unet = UNet2DConditionModel.from_pretrained(root / "unet")
+    unet_sd = _inject(unet, UNET_TARGETS, rank, seed, b_scale)
+    te_sd = None
+    if text_encoder:
+        te = CLIPTextModel.from_pretrained(root / "text_encoder")
+        te_sd = _inject(te, TE_TARGETS, rank, seed + 1, b_scale)
+    return unet_sd, te_sd
+
+
+def write_diffusers(folder: Path, seed: int, *, text_encoder: bool = False, **kw) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    unet_sd, te_sd = lora_state_dicts(seed, text_encoder=text_encoder, **kw)
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd)
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def write_kohya(path: Path, seed: int, *, text_encoder: bool = False, **kw) -> Path:
+    """lora_alpha == r, so peft's scale is 1 and diffusers' converter (alpha = rank) is exact."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    unet_sd, te_sd = lora_state_dicts(seed, text_encoder=text_encoder, **kw)
+    sd = {f"unet.{k}": v for k, v in unet_sd.items()}
+    if te_sd:
+        sd.update({f"text_encoder.{k}": v for k, v in te_sd.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(sd).items()}, str(path))
+    return path
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

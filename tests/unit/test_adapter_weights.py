@@ -1,0 +1,129 @@
+"""Applying adapter sets to engines through refit/restore: exact, never blended, cached."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lora_fixtures import bundle, single_torch_thread  # noqa: F401 (fixture)
+
+from impasto.backends.torch_backend import TorchUNet
+from impasto.core.adapter_registry import AdapterRecord
+from impasto.core.adapter_syntax import parse_schedule
+from impasto.core.adapter_weights import ActiveAdapter, EngineAdapters, RequestAdapters
+from impasto.lora import CanonicalAdapter, DeltaCache, LoraModule, compose, named_weight_shapes_of
+
+
+def unet_adapter(seed: int, keep_every: int = 1, scale: float = 1.0) -> CanonicalAdapter:
+    b = bundle()
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for i, (name, p) in enumerate(n for n in b.unet.named_parameters() if n[0].endswith("to_q.weight") or n[0].endswith("to_v.weight")):
+        if i % keep_every:
+            continue
+        out_f, in_f = p.shape
+        modules[f"unet.{name.removesuffix('.weight')}"] = LoraModule(torch.randn(2, in_f, generator=g), scale * torch.randn(out_f, 2, generator=g), 2.0)
+    return CanonicalAdapter(modules=modules)
+
+
+def weights(engine) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in engine.named_weights().items()}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture()
+def engine():
+    return TorchUNet(copy.deepcopy(bundle().unet))
+
+
+def test_a_b_a_and_restore_are_bit_exact(engine):
+    base = weights(engine)
+    a, b = unet_adapter(1), unet_adapter(2, keep_every=2)  # b touches half of a's weights
+    state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny")
+    assert state.apply([(a, 0.8)]) is not None
+    with_a = weights(engine)
+    shapes = named_weight_shapes_of({"unet": bundle().unet})
+    want = compose([(a, 0.8)], named_weight_shapes=shapes)
+    for name, delta in want.items():
+        torch.testing.assert_close(with_a[name.removeprefix("unet.")], base[name.removeprefix("unet.")] + delta)
+    state.apply([(b, 0.5)])
+    with_b = weights(engine)
+    untouched_by_b = [n for n in a.modules if n not in b.modules]
+    assert untouched_by_b and all(torch.equal(with_b[n.removeprefix("unet.") + ".weight"], base[n.removeprefix("unet.") + ".weight"]) for n in untouched_by_b), "no weight keeps A's value"
+    state.apply([(a, 0.8)])
+    assert same(weights(engine), with_a)
+    state.apply([])
+    assert same(weights(engine), base)
+    assert state.apply([]) is None and state.apply([(a, 0.0)]) is None, "the empty set (or weight 0) is already applied"
+
+
+def test_merged_weights_are_cached_and_order_does_not_matter(engine):
+    a, b = unet_adapter(1), unet_adapter(2)
+    cache = DeltaCache(1 << 30)
+    state = EngineAdapters(engine, "unet", cache, "tiny")
+    state.apply([(a, 0.5), (b, 1.0)])
+    first = weights(engine)
+    state.apply([])
+    hits = cache.stats.hits
+    state.apply([(b, 1.0), (a, 0.5)])
+    assert cache.stats.hits == hits + 1 and same(weights(engine), first)
+
+
+def test_cache_bounded_by_bytes_still_exact(engine):
+    a, b = unet_adapter(1), unet_adapter(2)
+    state = EngineAdapters(engine, "unet", DeltaCache(0), "tiny")  # nothing fits: always composed
+    state.apply([(a, 1.0)])
+    with_a = weights(engine)
+    state.apply([(b, 1.0)])
+    state.apply([(a, 1.0)])
+    assert same(weights(engine), with_a)
+
+
+def test_base_values_from_another_engine(engine):
+    """A compiled engine without named_weights takes its base values from the torch engine."""
+    reference = TorchUNet(copy.deepcopy(bundle().unet))
+    a = unet_adapter(1)
+    state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny", base_engine=reference)
+    state.apply([(a, 1.0)])
+    plain = EngineAdapters(TorchUNet(copy.deepcopy(bundle().unet)), "unet", DeltaCache(1 << 30), "tiny")
+    plain.apply([(a, 1.0)])
+    assert same(weights(engine), weights(plain.engine))
+
+
+def test_a_failed_refit_restores_the_base(engine):
+    base = weights(engine)
+    a = unet_adapter(1)
+    state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny")
+    state.apply([(a, 1.0)])
+
+    def broken(named):
+        raise RuntimeError("device lost")
+
+    engine.refit = broken
+    with pytest.raises(RuntimeError):
+        state.apply([(unet_adapter(3), 1.0)])
+    assert state.applied is None and same(weights(engine), base)
+
+
+def record(adapter_id: str) -> AdapterRecord:
+    return AdapterRecord(adapter_id, adapter_id, "kohya", (2,), 1, 1, "0" * 64, False, "tiny", ("unet",))
+
+
+def test_batch_key_separates_sets_and_schedules():
+    a, b = unet_adapter(1), unet_adapter(2)
+
+    def req(*items):
+        return RequestAdapters(tuple(ActiveAdapter(record(i), i, w, s, m, None) for i, w, s, m in items))
+
+    ab = req(("a", 0.5, None, a), ("b", 1.0, None, b))
+    ba = req(("b", 1.0, None, b), ("a", 0.5, None, a))
+    assert ab.batch_key("r1") == ba.batch_key("r2"), "the same set in any order shares a batch"
+    assert req(("a", 0.5, None, a)).batch_key("r") != ab.batch_key("r") != RequestAdapters().batch_key("r")
+    assert req(("a", 0.6, None, a)).batch_key("r") != req(("a", 0.5, None, a)).batch_key("r")
+    scheduled = req(("a", 0.0, parse_schedule("0@0,1@1"), a))
+    assert scheduled.batch_key("r1") != scheduled.batch_key("r2"), "a schedule runs in its own batch"
+    assert [w for _, w in scheduled.unet_set(0.25)] == [0.25]
