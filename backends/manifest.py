@@ -57,12 +57,25 @@ class Profile:
 
 
 def shape_profile(profiles: list[Profile], dynamic: bool) -> ShapeProfile:
-    """The contract's ShapeProfile for a set of build profiles (dynamic engines accept any size)."""
-    min_batch = min(p.min_batch for p in profiles)
-    max_batch = max(p.max_batch for p in profiles)
+    """The contract's ShapeProfile for a set of build profiles (dynamic engines accept any size).
+
+    ShapeProfile has one batch range for all sizes, so a static engine advertises the union
+    batch range and only the sizes whose profiles cover every batch in it: it never claims a
+    shape it cannot run. (`Engine.accepts` of the static engines checks the exact profiles.)
+    """
     if dynamic:
         return ShapeProfile(min_batch=1, max_batch=None, sizes=None)
-    return ShapeProfile(min_batch=min_batch, max_batch=max_batch, sizes=tuple(sorted({(p.width, p.height) for p in profiles})))
+    min_batch = min(p.min_batch for p in profiles)
+    max_batch = max(p.max_batch for p in profiles)
+    sizes = []
+    for size in sorted({(p.width, p.height) for p in profiles}):
+        batches = set()
+        for p in profiles:
+            if (p.width, p.height) == size:
+                batches.update(range(p.min_batch, p.max_batch + 1))
+        if batches >= set(range(min_batch, max_batch + 1)):
+            sizes.append(size)
+    return ShapeProfile(min_batch=min_batch, max_batch=max_batch, sizes=tuple(sizes))
 
 
 @dataclass

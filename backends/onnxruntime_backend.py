@@ -1,17 +1,21 @@
 """ONNX Runtime engines: the CPU execution provider here, CUDA / TensorRT providers where present.
 
-Refit is by initializer override. Every refittable weight lives in a numpy buffer the engine
-owns, handed to the session with `SessionOptions.add_initializer`; ONNX Runtime then uses
-that memory as the weight instead of copying it. Prepacking (`session.disable_prepacking`) is
-turned off so no kernel keeps a private, repacked copy, which makes a refit one `np.copyto`
-per weight, visible at the next run, and exact. Measured on the tiny UNet (2 shared cores):
-override 57 ms/step vs 55 ms with prepacked constants, and weights-as-inputs 66-72 ms; the
-real-size figures are in benchmarks/compiled_engines.py. `refit_mode="inputs"` keeps the
-weights-as-inputs variant available for that comparison.
+Refit, two ways (`refit_mode`):
+- "override" (default): weights read by MatMul / Gemm / Gather live in numpy buffers the
+  engine owns, handed to the session with `SessionOptions.add_initializer` (initializer
+  override); ONNX Runtime reads that memory at every run instead of copying it, once
+  prepacking (`session.disable_prepacking`) is off. A refit is one `np.copyto`, exact and
+  visible at the next run. Every other weight (convolutions, whose weights the NCHWc
+  transformer reorders into private copies; norm weights, which constant folding reshapes)
+  is fed as a graph input from the same kind of buffer, bound once per run.
+- "inputs": every weight is a graph input (no optimisation can copy it; no prepacking).
+The tiny UNet's step: constants 8.9 ms (not refittable), override 10.1 ms, inputs 12.3 ms;
+the real-size figures are printed by benchmarks/compiled_engines.py. Both switch in
+milliseconds (a memcpy of the changed weights).
 
 On CUDA, initializers are copied to the device, so in-place host writes are not seen; there
-the engine rebuilds its session with the overrides (slow, but exact) until weights-as-inputs
-with device buffers is wired (see `_refit_needs_new_session`).
+the engine rebuilds its session after a refit (slow, but exact) until device-buffer binding
+is wired (see `_refit_needs_new_session`).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ class OnnxRuntimeEngine(Engine):
             # constant folding reshapes) would silently keep their load-time copies, so they
             # are fed as inputs instead. Which ops are safe is tested by refitting every weight.
             readers = _readers(graph)
-            self._in_place = {n for n in self._weights if readers[n] and readers[n] <= IN_PLACE_OPS}
+            self._in_place = {n for n in self._weights if readers.get(n) and readers[n] <= IN_PLACE_OPS}
         else:
             self._in_place = set()
         self._fed = {n: ort.OrtValue.ortvalue_from_numpy(w) for n, w in self._weights.items() if n not in self._in_place}

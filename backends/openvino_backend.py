@@ -185,6 +185,15 @@ class OpenVINOEngine(Engine):
         self._base.clear()
         self._compile()
 
+    def accepts(self, batch: int, width: int, height: int) -> bool:
+        """Exact: some compiled profile takes this batch at this image size."""
+        for profile, _ in self._requests:
+            if profile.min_batch <= batch <= profile.max_batch and (
+                self.component is Component.TEXT_ENCODER or (profile.width, profile.height) == (width, height)
+            ):
+                return True
+        return False
+
     def info(self) -> EngineInfo:
         return EngineInfo(self.component, BACKEND_NAME, self.precision, "cpu", self.profile)
 

@@ -109,3 +109,12 @@ def test_manifest_is_plain_json():
     data = json.loads((engine_folder("onnxruntime") / "manifest.json").read_text())
     entry = data["components"]["unet"]["refit"]["conv_in.weight"]
     assert entry == {"engine_name": "conv_in.weight", "shape": list(entry["shape"]), "layout": "same", "dtype": "float32"}
+
+
+def test_static_shape_profile_never_claims_an_unbuilt_shape():
+    from impasto.backends.manifest import shape_profile
+
+    profiles = [Profile(256, 256, 1, 1), Profile(256, 256, 2, 2), Profile(512, 512, 2, 2)]
+    static = shape_profile(profiles, dynamic=False)
+    assert (static.min_batch, static.max_batch, static.sizes) == (1, 2, ((256, 256),))
+    assert shape_profile(profiles, dynamic=True).sizes is None
