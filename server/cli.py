@@ -22,6 +22,8 @@ def _serve(args) -> int:
         default_model=args.default_model,
         max_batch_size=args.max_batch_size,
         metrics_port=args.metrics_port,
+        backends=tuple(args.backend.split(",")) if args.backend else None,
+        engines_dir=args.engines_dir,
         admission_wait_ms=args.admission_wait_ms,
         adapters_dir=args.adapters_dir,
     )
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters-dir", type=Path, help="where uploaded LoRA adapters are stored (default: <data dir>/adapters)")
     serve.add_argument("--max-batch-size", type=int, help="images per UNet call; 1 turns batching off")
     serve.add_argument("--admission-wait-ms", type=float, help="wait this long for more requests before a batch starts from idle")
+    serve.add_argument("--backend", help="backend preference order, e.g. openvino,onnxruntime,torch (torch is the fallback)")
+    serve.add_argument("--engines-dir", type=Path, help="engine folders written by `impasto compile --out`")
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: a free one)")
     serve.set_defaults(func=_serve)
 

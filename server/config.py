@@ -80,6 +80,10 @@ class ServerConfig:
     include_embedded_model: bool = True
     # Uploaded LoRA adapters live here (by content hash); None: <data dir>/adapters.
     adapters_dir: Path | None = None
+    # Backend preference order; compiled engines come from engines_dir (impasto compile --out).
+    # torch is always the fallback, so backends listed after it are never used.
+    backends: tuple[str, ...] = ("torch",)
+    engines_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -88,6 +92,11 @@ class ServerConfig:
         return Path(self.adapters_dir) if self.adapters_dir is not None else default_data_dir() / "adapters"
 
     def validate(self) -> "ServerConfig":
+        from impasto.backends.availability import BACKEND_NAMES
+
+        unknown = [b for b in self.backends if b not in BACKEND_NAMES]
+        if unknown or not self.backends:
+            raise ValueError(f"server.backends: unknown {unknown or 'empty list'}; known: {', '.join(BACKEND_NAMES)}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"server.port must be in 0..65535, got {self.port}")
         self.limits.validate()
@@ -112,7 +121,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
         server = dict(data.get("server", {}))
-        for key in ("models_dir", "adapters_dir"):
+        if "backends" in server:
+            server["backends"] = tuple(server["backends"])
+        for key in ("models_dir", "adapters_dir", "engines_dir"):
             if key in server:
                 server[key] = Path(server[key])
         config = replace(

@@ -23,7 +23,7 @@ from impasto.lora import match_targets
 
 from .adapter_registry import AdapterRecord, AdapterRegistry
 from .adapter_syntax import extract_lora_tags, parse_schedule
-from .adapter_weights import ActiveAdapter, RequestAdapters, base_weight_shapes
+from .adapter_weights import NO_ADAPTERS, ActiveAdapter, RequestAdapters, base_weight_shapes
 from .errors import InvalidArgument, NotFound, QueueFull
 from .image_encoding import MIME_TYPES, encode_image
 from .metrics import Metrics
@@ -35,6 +35,19 @@ from .step_loop import DecodedImage, StepLoop
 from .validation import resolve_spec
 
 
+def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """A thread-safe emit for the step loop. If the caller's event loop is gone (it stopped
+    iterating and closed), the event is dropped: the step loop must never fail because of it."""
+
+    def emit(event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # event loop closed
+            pass
+
+    return emit
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -42,8 +55,15 @@ def new_request_id() -> str:
 class ImageEngine:
     def __init__(self, config: ServerConfig, registry: ModelRegistry | None = None):
         self.config = config
-        self.registry = registry or ModelRegistry(config.models_dir, config.default_model, config.include_embedded_model)
         self.metrics = Metrics()
+        self.registry = registry or ModelRegistry(
+            config.models_dir,
+            config.default_model,
+            config.include_embedded_model,
+            backends=config.backends,
+            engines_dir=config.engines_dir,
+            on_fallback=lambda reason: self.metrics.torch_fallbacks.labels(reason).inc(),
+        )
         self.adapters = AdapterRegistry(config.resolved_adapters_dir)
         self.step_loop = StepLoop(
             config.scheduler.max_batch_size,
@@ -80,7 +100,10 @@ class ImageEngine:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._loader_pool, self.registry.load, entry.name)
         # `<lora:...>` tags leave the text the model sees; the infotext keeps them (as A1111 does).
-        text_prompt, adapters = await loop.run_in_executor(self._loader_pool, self._request_adapters, spec, model)
+        if spec.adapters or "<lora:" in spec.prompt:
+            text_prompt, adapters = await loop.run_in_executor(self._loader_pool, self._request_adapters, spec, model)
+        else:
+            text_prompt, adapters = spec.prompt, NO_ADAPTERS
         chunks, negative_chunks = model.tokenizer.pair(text_prompt, resolved.negative_prompt)
 
         with self._waiting_lock:
@@ -106,7 +129,7 @@ class ImageEngine:
             adapters=adapters,
             chunks=chunks,
             negative_chunks=negative_chunks,
-            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            emit=_emitter(loop, events),
         )
         self.step_loop.submit(state)
         finished = False
@@ -233,5 +256,11 @@ class ImageEngine:
             "limits": self.config.limits,
             "max_batch_size": self.config.scheduler.max_batch_size,
             "default_model": self.registry.default_name,
-            "engines": [(m.entry.name, e.info()) for m in self.registry.loaded() for e in m.engines.all()],
+            # Every engine behind each router: compiled ones in preference order, then torch.
+            "engines": [
+                (m.entry.name, engine.info())
+                for m in self.registry.loaded()
+                for routed in m.engines.all()
+                for engine in (routed.engines() if hasattr(routed, "engines") else [routed])
+            ],
         }

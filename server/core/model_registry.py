@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from impasto.backends import torch_backend
 from impasto.backends.base import ModelEngines
 from impasto.backends.model_folder import cached_model_hash, check_loadable
 
+from .engine_loading import EngineLoadReport, load_routed_engines
 from .errors import NotFound, Unavailable
 from .prompt_encoding import PromptTokenizer
 
@@ -92,8 +93,21 @@ def _embedded_default() -> tuple[str, Path, GenerationDefaults] | None:
 
 
 class ModelRegistry:
-    def __init__(self, models_dir: Path | None = None, default_model: str = "", include_embedded: bool = True):
+    def __init__(
+        self,
+        models_dir: Path | None = None,
+        default_model: str = "",
+        include_embedded: bool = True,
+        *,
+        backends: tuple[str, ...] = ("torch",),
+        engines_dir: Path | None = None,
+        on_fallback: Callable[[str], None] = lambda reason: None,
+    ):
         self.models_dir = models_dir
+        self.backends = backends
+        self.engines_dir = engines_dir
+        self.on_fallback = on_fallback
+        self.engine_reports: dict[str, EngineLoadReport] = {}
         self._entries: dict[str, ModelEntry] = {}
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
@@ -155,14 +169,21 @@ class ModelRegistry:
     def loaded(self) -> list[LoadedModel]:
         return list(self._loaded.values())
 
-    @staticmethod
-    def _load(entry: ModelEntry) -> LoadedModel:
+    def _load(self, entry: ModelEntry) -> LoadedModel:
         from transformers import CLIPTokenizer
 
         log.info("loading model %s from %s", entry.name, entry.path)
         tokenizer = CLIPTokenizer.from_pretrained(entry.path / "tokenizer")
-        engines = torch_backend.load_model(entry.path)
         vae_config = _read_json(entry.path / "vae" / "config.json")
+        engines, report = load_routed_engines(
+            entry.path,
+            entry.sha256,
+            self.backends,
+            self.engines_dir,
+            2 ** (len(vae_config["block_out_channels"]) - 1),
+            self.on_fallback,
+        )
+        self.engine_reports[entry.name] = report
         unet_config = _read_json(entry.path / "unet" / "config.json")
         return LoadedModel(
             entry=entry,

@@ -1,0 +1,69 @@
+"""The server on compiled engines: `impasto compile` output loaded by preference, images equal
+to the torch backend's, torch fallback (counted) for shapes no engine fits, and engine folders
+that do not match the model refused whole."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from impasto.backends.availability import backend_status
+from impasto.compiler.build import BuildRequest, compile_model
+from impasto.models import default_model_path
+from impasto_client import Image, ImpastoClient
+
+from conftest import running_server
+
+pytestmark = pytest.mark.skipif(not backend_status("openvino").available, reason=backend_status("openvino").reason)
+
+
+@pytest.fixture(scope="module")
+def engines_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines")
+    built = compile_model(BuildRequest(default_model_path(), "openvino", out), log=lambda *a: None)
+    # A copy built (it says) with another OpenVINO version: refused whole, not half-used.
+    stale = out / "stale-copy"
+    shutil.copytree(built.folder, stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["backend_version"] = "0.0.1-other"
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def image_of(client, **options) -> np.ndarray:
+    event = next(e for e in client.generate(options.pop("prompt", "a red circle on a white background"), **options) if isinstance(e, Image))
+    return np.asarray(PILImage.open(io.BytesIO(event.data)).convert("RGB"))
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_compiled_engines_serve_the_torch_image(server, engines_dir):
+    with ImpastoClient(server.target) as torch_client:
+        reference = image_of(torch_client, seed=5, num_steps=8, sampler="dpmpp_2m_karras")
+    with running_server(backends=("openvino", "torch"), engines_dir=engines_dir) as compiled, ImpastoClient(compiled.target) as client:
+        info = client.server_info()
+        unets = [e.backend for e in info.engines if e.component == "unet"]
+        assert unets == ["openvino", "torch"]  # preference order, torch last as the fallback
+        ours = image_of(client, seed=5, num_steps=8, sampler="dpmpp_2m_karras")
+        assert psnr(ours, reference) >= 40
+        model = compiled.engine.registry.load("")
+        assert model.engines.unet.last_backend == "openvino"
+        report = compiled.engine.registry.engine_reports[model.entry.name]
+        assert [b for b, _ in report.loaded] == ["openvino"]
+        assert any("stale-copy" in str(folder) and "installed is" in reason for folder, reason in report.refused)
+
+        fallbacks = compiled.engine.metrics.torch_fallbacks
+        image_of(client, seed=5, num_steps=2, width=128, height=128)  # outside the engine's profile
+        assert model.engines.unet.last_backend == "torch"
+        assert fallbacks.labels("no_profile")._value.get() >= 1
+        image_of(client, prompt=", ".join(["a red circle"] * 30), seed=5, num_steps=2)  # two 77-token chunks
+        assert fallbacks.labels("context_length")._value.get() >= 1
+        assert model.engines.unet.last_backend == "torch"
