@@ -7,12 +7,14 @@ engine of the same model, passed as `base_engine`).
 
 For one engine (`EngineAdapters`):
 - the set's merged weights, base + Σ wᵢ·scaleᵢ·upᵢ@downᵢ per target weight, are computed from the
-  pristine base (never from the current, refitted values), with `impasto.lora.compose` in fp32
-  and cast once, and kept in a byte-bounded LRU (`DeltaCache`) keyed by the set's content hashes
+  pristine base (never from the current, refitted values), with `impasto.lora.compose`'s
+  formula, matching and order, in fp32 and cast once, and kept in a byte-bounded LRU (`DeltaCache`) keyed by the set's content hashes
   and weights. So refitting A, then B, then A passes A's bytes again: A's image, bit for bit;
 - the empty set is `restore()`: the base, bit for bit;
 - switching to a set whose targets do not cover every weight the last one changed restores
-  first, so no weight keeps another set's value.
+  first, so no weight keeps another set's value;
+- base values are copied once, before a weight is first refitted (memory: one copy of the
+  targeted weights), because an engine may restore lazily (the engine router does).
 
 Per request (`RequestAdapters`): the resolved adapters with their weights or weight schedules,
 the per-component sets, the batch key and the infotext hashes.
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from impasto.lora import CanonicalAdapter, DeltaCache, compose, lora_hashes_infotext
+from impasto.lora import CanonicalAdapter, DeltaCache, lora_hashes_infotext, match_targets
+from impasto.lora.compose import _ordered as ordered_items  # the canonical order: by content hash, then weight
 
 from .adapter_registry import AdapterRecord
 from .adapter_syntax import WeightSchedule
@@ -54,24 +57,34 @@ class EngineAdapters:
         # Where base values come from: the engine itself (restored first), or a torch engine of
         # the same model that is never refitted (for compiled engines without named_weights).
         self.base_engine = base_engine
-        self.shapes = base_weight_shapes(base_engine or engine, component)
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # read on first use: an engine
+        # that cannot list its weights still serves requests without adapters
         self.applied: tuple | None = self.key([])  # cache key of the applied set; None: unknown (a refit failed)
         self._touched: set[str] = set()
+        self._base: dict[str, torch.Tensor] = {}  # pristine copies of the weights this object refits
         self.num_switches = 0
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            self._shapes = base_weight_shapes(self.base_engine or self.engine, self.component)
+        return self._shapes
 
     def key(self, items: AdapterSet) -> tuple:
         return DeltaCache.key([(a, w) for a, w in items if w != 0.0], base_id=self.base_id)
 
-    def apply(self, items: AdapterSet) -> float | None:
+    def apply(self, items: AdapterSet, *, keep: bool = True) -> float | None:
         """Make `items` the engine's adapter set. Returns the switch time in seconds, or None if
-        it was already applied."""
+        it was already applied. `keep=False` does not put the merged weights in the cache (a
+        weight schedule makes a new set at most steps; caching those would evict the sets
+        that recur)."""
         items = [(a, float(w)) for a, w in items if w != 0.0]
         key = self.key(items)
         if key == self.applied:
             return None
         started = time.perf_counter()
         try:
-            self._switch(key, items)
+            self._switch(key, items, keep)
         except BaseException:
             self.applied = None
             self._touched = set()
@@ -81,43 +94,69 @@ class EngineAdapters:
         self.num_switches += 1
         return time.perf_counter() - started
 
-    def _switch(self, key: tuple, items: AdapterSet) -> None:
+    def _switch(self, key: tuple, items: AdapterSet, keep: bool) -> None:
         if not items:
             self.engine.restore()
             self._touched = set()
             return
         merged = self.cache.get(key)
-        restored = False
         if merged is None:
-            if self.base_engine is None and self._touched:
-                self.engine.restore()  # read the base, not the last set's weights
-                self._touched, restored = set(), True
             merged = self._merge(items)
-            self.cache.put(key, merged)
-        if not restored and not self._touched <= merged.keys():
-            self.engine.restore()
+            if keep:
+                self.cache.put(key, merged)
+        if not self._touched <= merged.keys():
+            self.engine.restore()  # a weight the last set changed and this one does not
         self.engine.refit(merged)
         self._touched = set(merged)
 
+    def _base_values(self, names) -> dict[str, torch.Tensor]:
+        """Pristine values of `names`. From `base_engine` when there is one (never refitted);
+        else from a copy taken before this object first refits a weight: an engine's
+        `named_weights()` after `restore()` may still show the last set (the engine router
+        restores lazily, at its next run), so it is read only for weights never refitted."""
+        if self.base_engine is not None:
+            current = self.base_engine.named_weights()
+            return {n: current[n] for n in names}
+        missing = [n for n in names if n not in self._base]
+        if missing:
+            current = self.engine.named_weights()
+            for n in missing:
+                self._base[n] = current[n].detach().clone()
+        return {n: self._base[n] for n in names}
+
     def _merge(self, items: AdapterSet) -> dict[str, torch.Tensor]:
-        base = (self.base_engine or self.engine).named_weights()
-        deltas = compose(items, named_weight_shapes=self.shapes, dtype=torch.float32)
-        merged = {}
+        """{torch name: base + Σ wᵢ·scaleᵢ·upᵢ@downᵢ}: `compose`'s formula, order and fp32
+        accumulation, fused into one `addmm_` per pair on a copy of the base. Building the deltas
+        first (compose) and adding them costs two more passes over the weights and the memory of
+        one more copy."""
         prefix = len(self.component) + 1
-        for full_name, delta in deltas.items():
-            name = full_name[prefix:]
-            w = base[name]
-            merged[name] = (w.float() + delta.to(w.device)).to(w.dtype)
-        return merged
+        plan = []
+        for adapter, weight in ordered_items(items):
+            report = match_targets(adapter, self.shapes, raise_on_error=True)
+            plan += [(adapter.modules[target], full_name[prefix:], weight) for target, full_name in report.resolved.items()]
+        base = self._base_values({name for _, name, _ in plan})
+        merged: dict[str, torch.Tensor] = {}
+        for module, name, weight in plan:
+            acc = merged.get(name)
+            if acc is None:
+                acc = merged[name] = base[name].to(dtype=torch.float32, copy=True)
+            up = module.up.to(acc.device, torch.float32).flatten(1)
+            down = module.down.to(acc.device, torch.float32).flatten(1)
+            acc.view(acc.shape[0], -1).addmm_(up, down, alpha=weight * module.scale)
+        return {name: w.to(base[name].dtype) for name, w in merged.items()}
 
 
 class ModelAdapters:
-    """The UNet's and the text encoder's adapter state of one loaded model."""
+    """The UNet's and the text encoder's adapter state of one loaded model.
 
-    def __init__(self, model, cache: DeltaCache):
-        engines = model.engines
-        self.unet = EngineAdapters(engines.unet, "unet", cache, model.entry.sha256)
-        self.text_encoder = EngineAdapters(engines.text_encoder, "text_encoder", cache, model.entry.sha256)
+    `base_engines` ({"unet": engine, ...}) names, for an engine that cannot list its weights
+    (a compiled one), a torch engine of the same model to read base values from.
+    """
+
+    def __init__(self, model, cache: DeltaCache, base_engines: Mapping | None = None):
+        engines, base = model.engines, dict(base_engines or {})
+        self.unet = EngineAdapters(engines.unet, "unet", cache, model.entry.sha256, base.get("unet"))
+        self.text_encoder = EngineAdapters(engines.text_encoder, "text_encoder", cache, model.entry.sha256, base.get("text_encoder"))
 
 
 @dataclass(frozen=True)

@@ -178,8 +178,8 @@ class StepLoop:
             state = self._model_adapters[model.entry.name] = ModelAdapters(model, self.adapter_cache)
         return state
 
-    def _apply_adapters(self, engine_adapters, items) -> None:
-        seconds = engine_adapters.apply(items)
+    def _apply_adapters(self, engine_adapters, items, keep: bool = True) -> None:
+        seconds = engine_adapters.apply(items, keep=keep)
         if seconds is not None:
             self.stats.adapter_switches += 1
             self.metrics.adapter_switch_seconds.labels(engine_adapters.component).observe(seconds)
@@ -231,7 +231,8 @@ class StepLoop:
         # One batch has one UNet adapter set (its batch key); a scheduled weight is evaluated at
         # the request's own step (a request with a schedule runs alone).
         head = batch[0]
-        self._apply_adapters(self.adapters_of(head.model).unet, head.adapters.unet_set(head.step_fraction))
+        adapters = head.adapters
+        self._apply_adapters(self.adapters_of(head.model).unet, adapters.unet_set(head.step_fraction), keep=not adapters.has_schedule)
         samples, timesteps, contexts = [], [], []
         for state in batch:
             t = state.timesteps[state.step_index]

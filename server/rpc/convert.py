@@ -117,6 +117,7 @@ def server_info(info: dict) -> pb.GetServerInfoResponse:
             max_queue_length=limits.max_queue_length,
             max_message_bytes=limits.max_message_bytes,
             max_batch_size=info["max_batch_size"],
+            max_adapter_bytes=limits.max_adapter_bytes,
         ),
         engines=[
             pb.EngineInfo(

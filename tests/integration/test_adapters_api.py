@@ -105,6 +105,7 @@ def test_unmatched_keys_and_shape_mismatches_are_named(served, files):
 
 def test_size_limit_is_named_before_and_during_the_stream(served):
     server, client = served
+    assert client.server_info().limits.max_adapter_bytes == LIMIT
     with pytest.raises(InvalidArgumentError, match="max_adapter_bytes"):
         client.upload_adapter(b"\x00" * (LIMIT + 1), "too-big")
     # A client that does not declare the size is stopped when the bytes pass the limit.

@@ -73,6 +73,15 @@ def test_merged_weights_are_cached_and_order_does_not_matter(engine):
     assert cache.stats.hits == hits + 1 and same(weights(engine), first)
 
 
+def test_scheduled_sets_do_not_fill_the_cache(engine):
+    a = unet_adapter(1)
+    cache = DeltaCache(1 << 30)
+    state = EngineAdapters(engine, "unet", cache, "tiny")
+    for w in (0.1, 0.2, 0.3):
+        state.apply([(a, w)], keep=False)
+    assert len(cache) == 0 and state.num_switches == 3
+
+
 def test_cache_bounded_by_bytes_still_exact(engine):
     a, b = unet_adapter(1), unet_adapter(2)
     state = EngineAdapters(engine, "unet", DeltaCache(0), "tiny")  # nothing fits: always composed
@@ -127,3 +136,29 @@ def test_batch_key_separates_sets_and_schedules():
     scheduled = req(("a", 0.0, parse_schedule("0@0,1@1"), a))
     assert scheduled.batch_key("r1") != scheduled.batch_key("r2"), "a schedule runs in its own batch"
     assert [w for _, w in scheduled.unet_set(0.25)] == [0.25]
+
+
+class LazyRestoreEngine(TorchUNet):
+    """Restores only at its next run, as the engine router does: named_weights() right after
+    restore() still shows the last set."""
+
+    def restore(self):
+        self.pending_restore = True
+
+    def refit(self, named):
+        if getattr(self, "pending_restore", False):
+            super().restore()
+            self.pending_restore = False
+        super().refit(named)
+
+
+def test_engines_that_restore_lazily_never_blend():
+    eager = TorchUNet(copy.deepcopy(bundle().unet))
+    lazy = LazyRestoreEngine(copy.deepcopy(bundle().unet))
+    a, b = unet_adapter(1), unet_adapter(2)
+    s_eager = EngineAdapters(eager, "unet", DeltaCache(0), "tiny")
+    s_lazy = EngineAdapters(lazy, "unet", DeltaCache(0), "tiny")
+    for items in ([(a, 1.0)], [(b, 0.5)], [(a, 1.0), (b, 0.3)], [(a, 1.0)]):
+        s_eager.apply(items)
+        s_lazy.apply(items)
+        assert same(weights(eager), weights(lazy))
