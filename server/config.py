@@ -14,6 +14,9 @@ Example impasto.toml:
 
     [scheduler]
     max_batch_size = 8
+
+    [training]
+    checkpoint_every = 50
 """
 
 from __future__ import annotations
@@ -62,6 +65,24 @@ class SchedulerConfig:
             raise ValueError(f"scheduler.priority_aging_s must be > 0, got {self.priority_aging_s}")
 
 
+@dataclass(frozen=True)
+class TrainingConfig:
+    # Jobs that train at once; the others queue (one is the right number on one device).
+    max_running_jobs: int = 1
+    # A job writes a checkpoint every this many steps unless its request says otherwise.
+    checkpoint_every: int = 50
+    # Largest dataset UploadDataset accepts, in bytes.
+    max_dataset_bytes: int = 256 * 1024 * 1024
+    # A training step waits while the step loop has requests, at most this long (then runs one
+    # step anyway, so a steady stream of requests cannot starve a job forever).
+    max_yield_wait_s: float = 30.0
+
+    def validate(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"training.{f.name} must be positive, got {getattr(self, f.name)}")
+
+
 def default_data_dir() -> Path:
     """$IMPASTO_DATA_DIR, else $XDG_DATA_HOME/impasto, else ~/.local/share/impasto."""
     if os.environ.get("IMPASTO_DATA_DIR"):
@@ -86,10 +107,17 @@ class ServerConfig:
     engines_dir: Path | None = None
     limits: Limits = field(default_factory=Limits)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Datasets (datasets/<name>) and training jobs (training/jobs/<id>); None: default_data_dir().
+    data_dir: Path | None = None
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else default_data_dir()
 
     @property
     def resolved_adapters_dir(self) -> Path:
-        return Path(self.adapters_dir) if self.adapters_dir is not None else default_data_dir() / "adapters"
+        return Path(self.adapters_dir) if self.adapters_dir is not None else self.resolved_data_dir / "adapters"
 
     def validate(self) -> "ServerConfig":
         from impasto.backends.availability import BACKEND_NAMES
@@ -101,6 +129,7 @@ class ServerConfig:
             raise ValueError(f"server.port must be in 0..65535, got {self.port}")
         self.limits.validate()
         self.scheduler.validate()
+        self.training.validate()
         return self
 
 
@@ -117,27 +146,30 @@ def load_config(path: Path | None = None, **overrides: Any) -> ServerConfig:
     config = ServerConfig()
     if path is not None:
         data = tomllib.loads(Path(path).read_text())
-        unknown = set(data) - {"server", "limits", "scheduler"}
+        unknown = set(data) - {"server", "limits", "scheduler", "training"}
         if unknown:
             raise ValueError(f"{path}: unknown sections {sorted(unknown)}")
         server = dict(data.get("server", {}))
         if "backends" in server:
             server["backends"] = tuple(server["backends"])
-        for key in ("models_dir", "adapters_dir", "engines_dir"):
+        for key in ("models_dir", "adapters_dir", "engines_dir", "data_dir"):
             if key in server:
                 server[key] = Path(server[key])
         config = replace(
             _section(ServerConfig, server, f"{path} [server]"),
             limits=_section(Limits, data.get("limits", {}), f"{path} [limits]"),
             scheduler=_section(SchedulerConfig, data.get("scheduler", {}), f"{path} [scheduler]"),
+            training=_section(TrainingConfig, data.get("training", {}), f"{path} [training]"),
         )
     limit_overrides = {k: v for k, v in overrides.items() if k in {f.name for f in fields(Limits)} and v is not None}
     sched_overrides = {k: v for k, v in overrides.items() if k in {f.name for f in fields(SchedulerConfig)} and v is not None}
+    training_overrides = {k: v for k, v in overrides.items() if k in {f.name for f in fields(TrainingConfig)} and v is not None}
     top = {k: v for k, v in overrides.items() if k in {f.name for f in fields(ServerConfig)} and v is not None}
     config = replace(
         config,
         **top,
         limits=replace(config.limits, **limit_overrides),
         scheduler=replace(config.scheduler, **sched_overrides),
+        training=replace(config.training, **training_overrides),
     )
     return config.validate()

@@ -16,6 +16,7 @@ class Priority(int, Enum):
     # Lower runs first. Training jobs (their own issue) sit below batch work.
     INTERACTIVE = 0
     BATCH = 1
+    TRAINING = 2  # a training job's own requests (DreamBooth class images)
 
 
 @dataclass(frozen=True)

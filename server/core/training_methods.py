@@ -1,0 +1,189 @@
+"""A job's request (`TrainingSpec`, plain data) -> the trainer that runs it (impasto.training).
+
+The one place that knows each method's defaults and which spec fields it reads. Servicers and
+the job manager never see a trainer config; trainers never see a spec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+METHODS = ("lora", "dreambooth_lora", "textual_inversion", "pivotal_tuning")
+DEFAULT_STEPS = {"lora": 300, "dreambooth_lora": 300, "textual_inversion": 300, "pivotal_tuning": 400}
+MAX_STEPS = 100_000
+MAX_BATCH = 64
+MAX_RANK = 256
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What a client asked for. 0 / None / "" means the method's default."""
+
+    method: str
+    dataset: str
+    adapter_name: str
+    model: str = ""
+    instance_prompt: str = ""
+    num_steps: int = 0
+    batch_size: int = 0
+    seed: int | None = None
+    checkpoint_every: int = 0
+    sample_every: int = 0
+    sample_prompts: tuple[str, ...] = ()
+    masked_loss: bool = False
+    gradient_checkpointing: bool = False
+    # LoRA
+    rank: int = 0
+    alpha: float | None = None
+    train_text_encoder: bool = False
+    conv: bool = False
+    unet_lr: float | None = None
+    text_encoder_lr: float | None = None
+    # DreamBooth
+    class_prompt: str = ""
+    num_class_images: int = 0
+    prior_loss_weight: float | None = None
+    # textual inversion / pivotal tuning
+    token: str = ""
+    initializer_token: str = ""
+    num_vectors: int = 0
+    embedding_lr: float | None = None
+    embedding_steps: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["sample_prompts"] = list(self.sample_prompts)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainingSpec":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["sample_prompts"] = tuple(d.get("sample_prompts", ()))
+        return cls(**d)
+
+    @property
+    def resolved_steps(self) -> int:
+        return self.num_steps or DEFAULT_STEPS[self.method]
+
+    @property
+    def uses_prior_preservation(self) -> bool:
+        return self.method == "dreambooth_lora" and bool(self.class_prompt) and (self.prior_loss_weight is None or self.prior_loss_weight > 0)
+
+    def sample_prompt_list(self) -> list[str]:
+        prompts = list(self.sample_prompts) or [self.instance_prompt]
+        return [p.replace("{token}", self.token) for p in prompts if p]
+
+
+def validate_spec(spec: TrainingSpec) -> None:
+    """The checks that need nothing but the spec; each error names its field."""
+    if spec.method not in METHODS:
+        raise InvalidArgument("method", f"must be one of {', '.join(METHODS)}")
+    if not 0 <= spec.num_steps <= MAX_STEPS:
+        raise InvalidArgument("num_steps", f"must be at most {MAX_STEPS}")
+    if not 0 <= spec.batch_size <= MAX_BATCH:
+        raise InvalidArgument("batch_size", f"must be at most {MAX_BATCH}")
+    if not 0 <= spec.rank <= MAX_RANK:
+        raise InvalidArgument("lora.rank", f"must be at most {MAX_RANK}")
+    if spec.alpha is not None and spec.alpha <= 0:
+        raise InvalidArgument("lora.alpha", "must be positive")
+    for name in ("unet_lr", "text_encoder_lr", "embedding_lr"):
+        value = getattr(spec, name)
+        if value is not None and not 0 < value < 1:
+            raise InvalidArgument(name, f"must be in (0, 1), got {value}")
+    if spec.prior_loss_weight is not None and spec.prior_loss_weight < 0:
+        raise InvalidArgument("dreambooth.prior_loss_weight", "must be >= 0")
+    if spec.method == "dreambooth_lora" and not spec.instance_prompt:
+        raise InvalidArgument("instance_prompt", "DreamBooth needs the prompt that binds the instance, e.g. 'a sks shape'")
+    if spec.method in ("textual_inversion", "pivotal_tuning"):
+        if not spec.token:
+            raise InvalidArgument("textual_inversion.token", "name the new token, e.g. '<pink>'")
+        if not spec.initializer_token:
+            raise InvalidArgument("textual_inversion.initializer_token", "name an existing word to start from, e.g. 'red'")
+        if spec.method == "pivotal_tuning" and spec.embedding_steps >= spec.resolved_steps:
+            raise InvalidArgument("textual_inversion.embedding_steps", f"must be below num_steps ({spec.resolved_steps})")
+    if spec.masked_loss and spec.method not in METHODS:
+        raise InvalidArgument("masked_loss", "not supported by this method")
+
+
+def _lora_fields(spec: TrainingSpec, seed: int) -> dict:
+    out = dict(
+        num_steps=spec.resolved_steps,
+        batch_size=spec.batch_size or 4,
+        seed=seed,
+        rank=spec.rank or 4,
+        alpha=spec.alpha,
+        train_text_encoder=spec.train_text_encoder,
+        conv=spec.conv,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        masked_loss=spec.masked_loss,
+        token=spec.token,
+    )
+    if spec.unet_lr is not None:
+        out["unet_lr"] = spec.unet_lr
+    if spec.text_encoder_lr is not None:
+        out["text_encoder_lr"] = spec.text_encoder_lr
+    return out
+
+
+def build_trainer(
+    spec: TrainingSpec,
+    *,
+    seed: int,
+    model_dir: Path,
+    dataset_dir: Path,
+    job_dir: Path,
+    class_images: Callable[[str, int, int], list] | None = None,
+    parts=None,
+):
+    """The FineTuner for a spec. DreamBooth's class images are made first (only the missing ones)."""
+    from impasto.training import dreambooth, lora_trainer, pivotal_tuning, textual_inversion
+
+    base = dict(model_dir=str(model_dir), dataset=str(dataset_dir), instance_prompt=spec.instance_prompt)
+    if spec.method == "lora":
+        return lora_trainer.build(lora_trainer.LoraTrainConfig(**base, **_lora_fields(spec, seed)), parts)
+    if spec.method == "dreambooth_lora":
+        cfg = dreambooth.DreamBoothConfig(
+            **base,
+            **_lora_fields(spec, seed),
+            class_prompt=spec.class_prompt,
+            class_dir=str(job_dir / "class_images"),
+            num_class_images=spec.num_class_images or 50,
+            prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.class_prompt else 0.0,
+        )
+        if cfg.prior_loss_weight > 0:
+            if class_images is None:
+                raise RuntimeError("prior preservation needs a class-image generator")
+            dreambooth.ensure_class_images(cfg, class_images)
+        return dreambooth.build(cfg, parts)
+    if spec.method == "textual_inversion":
+        cfg = textual_inversion.TextualInversionConfig(
+            **{k: v for k, v in base.items() if k != "instance_prompt"},
+            instance_prompt=spec.instance_prompt or "a {token} shape",
+            token=spec.token,
+            initializer_token=spec.initializer_token,
+            num_vectors=spec.num_vectors or 1,
+            num_steps=spec.resolved_steps,
+            batch_size=spec.batch_size or 4,
+            seed=seed,
+            masked_loss=spec.masked_loss,
+        )
+        if spec.embedding_lr is not None:
+            cfg.learning_rate = spec.embedding_lr
+        return textual_inversion.build(cfg, parts)
+    if spec.method == "pivotal_tuning":
+        cfg = pivotal_tuning.PivotalTuningConfig(
+            **{**base, "instance_prompt": spec.instance_prompt or "a {token} shape"},
+            **_lora_fields(spec, seed),
+            initializer_token=spec.initializer_token,
+            num_vectors=spec.num_vectors or 1,
+            embedding_steps=spec.embedding_steps,
+        )
+        if spec.embedding_lr is not None:
+            cfg.embedding_lr = spec.embedding_lr
+        return pivotal_tuning.build(cfg, parts)
+    raise InvalidArgument("method", f"must be one of {', '.join(METHODS)}")

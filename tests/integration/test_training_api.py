@@ -1,0 +1,96 @@
+"""Training over real gRPC: upload a dataset, StartTraining a tiny LoRA job, watch it, then
+Generate with the adapter it registered; plus the refusals (paths, bad options)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import running_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from training_fixtures import write_shapes  # noqa: E402
+
+from impasto_client import Image, ImpastoClient, InvalidArgumentError, NotFoundError  # noqa: E402
+from impasto_client.training import JobStatus, TrainingProgress, TrainingSample  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    with running_server(data_dir=data) as server:
+        with ImpastoClient(server.target) as client:
+            yield server, client, data
+
+
+def star_files(tmp_path) -> Path:
+    return write_shapes(tmp_path / "stars", [("star", "red"), ("star", "blue"), ("star", "green")], ["a red sks shape", "a blue sks shape", "a green sks shape"])
+
+
+def test_lora_job_end_to_end(served, tmp_path):
+    server, client, data = served
+    uploaded = client.upload_dataset("stars", star_files(tmp_path))
+    assert uploaded.num_files == 6
+    job_id = client.start_training(
+        "lora", dataset="stars", adapter_name="tiny-star", instance_prompt="a sks shape", num_steps=6, batch_size=2,
+        rank=2, seed=3, checkpoint_every=4, sample_every=6, sample_prompts=["a red sks shape"],
+    )
+    events = list(client.watch_job(job_id, timeout=300))
+    assert isinstance(events[0], JobStatus)
+    progress = [e for e in events if isinstance(e, TrainingProgress)]
+    assert [p.step for p in progress] == list(range(progress[0].step, 7))
+    assert all(p.num_steps == 6 and p.loss == p.loss and p.learning_rate > 0 for p in progress)
+    samples = [e for e in events if isinstance(e, TrainingSample)]
+    assert samples and samples[0].image.startswith(b"\x89PNG") and samples[0].prompt == "a red sks shape"
+    final = events[-1]
+    assert isinstance(final, JobStatus) and final.state == "succeeded", final
+    assert final.adapter_id and {"kohya", "diffusers", "peft_unet"} <= set(final.outputs)
+
+    # Registered: listed, and the very next Generate can use it.
+    assert "tiny-star" in [a.name for a in client.list_adapters()]
+    images = [e for e in client.generate("a red sks shape <lora:tiny-star:1>", seed=1, num_steps=4) if isinstance(e, Image)]
+    assert len(images) == 1 and "tiny-star" in images[0].infotext
+
+    name, blob = client.download_job_output(job_id, "kohya")
+    assert name == "tiny-star.safetensors" and len(blob) > 100
+    assert client.get_job(job_id).state == "succeeded"
+    assert job_id in [j.job_id for j in client.list_jobs()]
+
+
+@pytest.mark.parametrize("dataset", ["../outside", "/etc", "a/../../b", "..", "sub/dir"])
+def test_dataset_paths_outside_the_data_dir_are_refused(served, dataset):
+    _, client, _ = served
+    with pytest.raises(InvalidArgumentError, match="dataset"):
+        client.start_training("lora", dataset=dataset, adapter_name="x1", num_steps=2)
+
+
+@pytest.mark.parametrize("path", ["../evil.png", "/abs.png", "a/../../b.png"])
+def test_upload_file_paths_with_dotdot_or_absolute_are_refused(served, path):
+    _, client, data = served
+    with pytest.raises(InvalidArgumentError, match="file.path"):
+        client.upload_dataset("evil", {path: b"x"})
+    assert not (data / "datasets" / "evil").exists()
+    assert not (data / "evil.png").exists()
+
+
+def test_bad_options_name_the_field(served, tmp_path):
+    _, client, data = served
+    write_shapes(data / "datasets" / "plain", [("star", "red")])
+    with pytest.raises(InvalidArgumentError, match="instance_prompt"):
+        client.start_training("dreambooth_lora", dataset="plain", adapter_name="db1")
+    with pytest.raises(InvalidArgumentError, match="token"):
+        client.start_training("textual_inversion", dataset="plain", adapter_name="ti1")
+    with pytest.raises(InvalidArgumentError, match="no dataset"):
+        client.start_training("lora", dataset="missing", adapter_name="x2")
+    with pytest.raises(NotFoundError):
+        client.get_job("nope")

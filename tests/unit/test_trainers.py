@@ -1,0 +1,202 @@
+"""The trainers on tiny components (text width 32, ~1M-parameter UNet): a few steps each.
+
+Each checks what its method promises: the loss is finite and falls over a handful of steps on a
+fixed batch; only the intended parameters change; the adapter exports load where they should
+(diffusers' load_lora_weights, impasto.lora's own reader); a checkpoint resumes exactly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from training_fixtures import fixed_batch_seed, star_dataset, tiny_model_dir, write_shapes
+
+from impasto.lora import load_adapter
+from impasto.models.shapes import Scene, render
+from impasto.training import dreambooth, lora_trainer, pivotal_tuning, textual_inversion
+from impasto.training.core import load_components
+from impasto.training.outputs import write_outputs
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def base_params(parts) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, module in (("unet", parts.unet), ("text_encoder", parts.text_encoder), ("vae", parts.vae)):
+        for name, p in module.named_parameters():
+            if "lora_" not in name:
+                out[f"{prefix}.{name.replace('.base_layer', '')}"] = p.detach().clone()
+    return out
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def train_fixed(tuner, steps: int) -> list[float]:
+    fixed_batch_seed(tuner)
+    return [tuner.train_step().loss for _ in range(steps)]
+
+
+def falls(losses: list[float]) -> bool:
+    return all(np.isfinite(losses)) and losses[-1] < losses[0] and np.mean(losses[-2:]) < np.mean(losses[:2])
+
+
+def lora_config(**kw):
+    base = dict(model_dir=str(tiny_model_dir()), dataset=str(star_dataset()), token="sks", num_steps=6, batch_size=2, rank=2, unet_lr=1e-2, warmup_steps=0)
+    return lora_trainer.LoraTrainConfig(**{**base, **kw})
+
+
+def test_lora_learns_and_changes_only_lora(tmp_path):
+    parts = load_components(tiny_model_dir())
+    before = base_params(parts)
+    tuner = lora_trainer.build(lora_config(), parts)
+    assert falls(train_fixed(tuner, 6))
+    assert changed(before, base_params(parts)) == set()
+    adapter = tuner.adapter()
+    assert adapter.components == ["unet"] and set(adapter.ranks) == {2}
+    assert all(t.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for t in adapter.modules)
+    assert any(m.up.abs().sum() > 0 for m in adapter.modules.values())
+
+    # Exports: our own reader gets the same modules back; diffusers' load_lora_weights loads
+    # the diffusers file and fusing it changes the UNet weights by exactly our delta.
+    files = write_outputs(adapter, tmp_path, "t")
+    back = load_adapter(files["kohya"])
+    assert back.content_hash == adapter.content_hash
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(), safety_checker=None)
+    target = next(iter(adapter.modules))
+    path = target.removeprefix("unet.")
+    base_w = pipe.unet.get_submodule(path).weight.detach().clone()
+    pipe.load_lora_weights(str(files["diffusers"]), adapter_name="t")
+    pipe.fuse_lora(lora_scale=1.0)
+    fused = pipe.unet.get_submodule(path).base_layer.weight if hasattr(pipe.unet.get_submodule(path), "base_layer") else pipe.unet.get_submodule(path).weight
+    assert torch.allclose(fused - base_w, adapter.modules[target].delta(), atol=1e-5)
+
+
+def test_locon_and_text_encoder_targets_with_their_own_learning_rates():
+    parts = load_components(tiny_model_dir())
+    before = base_params(parts)
+    cfg = lora_config(conv=True, train_text_encoder=True, text_encoder_lr=3e-3, gradient_checkpointing=True, alpha=1.0)
+    tuner = lora_trainer.build(cfg, parts)
+    assert falls(train_fixed(tuner, 5))
+    assert changed(before, base_params(parts)) == set()
+    adapter = tuner.adapter()
+    assert adapter.components == ["unet", "text_encoder"]
+    assert any(m.is_conv for m in adapter.modules.values())
+    assert all(m.alpha == 1.0 for m in adapter.modules.values())
+    assert [g["lr"] for g in tuner.optimizer.param_groups] == [1e-2, 3e-3]
+
+
+def render_class_images(prompt: str, n: int, seed: int) -> list[np.ndarray]:
+    rng = random.Random(seed)
+    return [render(Scene(rng.choice(["circle", "square"]), "red", "white", 32, 32, 16)) for _ in range(n)]
+
+
+def test_dreambooth_uses_class_images_and_prior_weight(tmp_path):
+    parts = load_components(tiny_model_dir())
+    before = base_params(parts)
+    cfg = dreambooth.DreamBoothConfig(
+        **{**lora_config().__dict__, "instance_prompt": "a sks shape"},
+        class_prompt="a shape", class_dir=str(tmp_path / "class"), num_class_images=3, prior_loss_weight=0.5,
+    )
+    files = dreambooth.ensure_class_images(cfg, render_class_images)
+    assert len(files) == 3 and dreambooth.ensure_class_images(cfg, lambda *a: pytest.fail("regenerated")) == files
+    tuner = dreambooth.build(cfg, parts)
+    assert tuner.classes is not None and len(tuner.classes) == 3 and tuner.prior_loss_weight == 0.5
+    assert falls(train_fixed(tuner, 6))
+    assert changed(before, base_params(parts)) == set()
+
+
+def test_textual_inversion_trains_only_the_new_rows(tmp_path):
+    parts = load_components(tiny_model_dir())
+    table_before = parts.text_encoder.get_input_embeddings().weight.detach().clone()
+    before = {k: v for k, v in base_params(parts).items() if "token_embedding" not in k}
+    cfg = textual_inversion.TextualInversionConfig(
+        str(tiny_model_dir()), str(star_dataset()), token="<sks>", initializer_token="star", num_vectors=2,
+        num_steps=6, batch_size=2, learning_rate=5e-2, warmup_steps=0,
+    )
+    tuner = textual_inversion.build(cfg, parts)
+    assert falls(train_fixed(tuner, 6))
+    after = {k: v for k, v in base_params(parts).items() if "token_embedding" not in k}
+    assert changed(before, after) == set()
+    table = parts.text_encoder.get_input_embeddings().weight.detach()
+    old = table_before.shape[0]
+    assert torch.equal(table[:old], table_before)  # every existing token is untouched
+    new_rows = table[old:]
+    assert new_rows.shape[0] == 2 and not torch.equal(new_rows[0], table_before[parts.tokenizer.convert_tokens_to_ids("star</w>")])
+    adapter = tuner.adapter()
+    assert not adapter.modules and adapter.embeddings["<sks>"]["text_encoder"].shape == (2, 32)
+    files = write_outputs(adapter, tmp_path, "ti")
+    assert set(files) == {"kohya", "embeddings"}
+    back = load_adapter(files["kohya"], format="kohya")  # no lora_ keys to detect it by
+    assert torch.equal(back.embeddings["<sks>"]["text_encoder"], adapter.embeddings["<sks>"]["text_encoder"])
+
+
+def test_textual_inversion_refuses_a_known_word():
+    cfg = textual_inversion.TextualInversionConfig(str(tiny_model_dir()), str(star_dataset()), token="red", initializer_token="star")
+    with pytest.raises(ValueError, match="already in the tokenizer"):
+        textual_inversion.build(cfg)
+
+
+def test_pivotal_tuning_embeddings_then_lora_in_one_adapter(tmp_path):
+    parts = load_components(tiny_model_dir())
+    cfg = pivotal_tuning.PivotalTuningConfig(**{**lora_config(num_steps=6).__dict__, "token": "<sks>"}, initializer_token="star", embedding_steps=3)
+    tuner = pivotal_tuning.build(cfg, parts)
+    fixed_batch_seed(tuner)
+    for _ in range(3):
+        assert tuner.train_step().phase == "embedding"
+    assert all(m.up.abs().sum() == 0 for m in tuner.adapter().modules.values())  # LoRA still inert
+    vectors = tuner.embeddings.vectors()
+    for _ in range(3):
+        assert tuner.train_step().phase == "lora"
+    assert torch.equal(tuner.embeddings.vectors(), vectors)  # the pivot holds in phase 2
+    adapter = tuner.adapter()
+    assert adapter.modules and "<sks>" in adapter.embeddings
+    files = write_outputs(adapter, tmp_path, "p")
+    assert {"kohya", "diffusers", "embeddings", "peft_unet"} <= set(files)
+    back = load_adapter(files["kohya"])
+    assert back.content_hash == adapter.content_hash  # one file holds both
+
+
+def test_checkpoint_resumes_exactly():
+    straight = lora_trainer.build(lora_config(num_steps=6))
+    for _ in range(6):
+        straight.train_step()
+
+    first = lora_trainer.build(lora_config(num_steps=6))
+    for _ in range(3):
+        first.train_step()
+    state = first.state_dict()
+    resumed = lora_trainer.build(lora_config(num_steps=6))
+    resumed.load_state_dict(state)
+    assert resumed.step == 3
+    for _ in range(3):
+        resumed.train_step()
+    a, b = straight.adapter(), resumed.adapter()
+    for target in a.modules:
+        assert torch.allclose(a.modules[target].up, b.modules[target].up, atol=1e-6)
+
+
+def test_masked_loss_counts_only_the_mask(tmp_path):
+    folder = write_shapes(tmp_path / "masked", [("star", "red"), ("star", "blue")])
+    from PIL import Image
+
+    (folder / "masks").mkdir()
+    for i in range(2):
+        Image.new("L", (64, 64), 0).save(folder / "masks" / f"{i:03d}.png")
+    (folder / "metadata.jsonl").write_text("\n".join(f'{{"file": "{i:03d}.png", "caption": "a sks shape", "mask": "masks/{i:03d}.png"}}' for i in range(2)))
+    tuner = lora_trainer.build(lora_config(dataset=str(folder), masked_loss=True))
+    assert tuner.train_step().loss == 0.0  # an all-zero mask: nothing to learn
+    with pytest.raises(ValueError, match="mask"):
+        lora_trainer.build(lora_config(masked_loss=True))  # a dataset without masks

@@ -1,0 +1,61 @@
+"""Pivotal tuning (cloneofsimo's lora_pti): textual inversion first, then LoRA with the new token
+held fixed, saved as one adapter holding both the LoRA modules and the token's vectors.
+
+    config -> base weights -> the token -> dataset -> LoRA layers (B = 0, so inert in phase 1)
+           -> phase 1: token rows only -> phase 2: LoRA only -> one adapter
+
+Finding the token first gives the LoRA a "pivot" in the text space that already points at
+the concept, so the LoRA needs to move the UNet less (and forgets less).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .core import BaseComponents, FineTuner, OptimConfig, Phase, load_components
+from .data import load_dataset
+from .lora_trainer import LoraTrainConfig, add_lora
+from .textual_inversion import add_token
+
+
+@dataclass
+class PivotalTuningConfig(LoraTrainConfig):
+    initializer_token: str = ""
+    num_vectors: int = 1
+    embedding_steps: int = 0  # 0: half of num_steps
+    embedding_lr: float = 5e-2
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.token or not self.initializer_token:
+            raise ValueError("pivotal tuning needs token and initializer_token")
+
+    @property
+    def phase_steps(self) -> tuple[int, int]:
+        first = self.embedding_steps or self.num_steps // 2
+        if not 0 < first < self.num_steps:
+            raise ValueError(f"embedding_steps must be in 1..num_steps-1, got {first}")
+        return first, self.num_steps - first
+
+
+def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> FineTuner:
+    cfg.validate()
+    parts = parts or load_components(cfg.model_dir)
+    embeddings = add_token(cfg, parts)
+    data = load_dataset(
+        Path(cfg.dataset), resolution=parts.resolution, default_caption=cfg.instance_prompt, token=cfg.token, want_masks=cfg.masked_loss
+    )
+    missing = [e.source for e in data.examples if cfg.token not in e.caption]
+    if missing:
+        raise ValueError(f"captions must use the token {cfg.token!r} (write {{token}}); these do not: {', '.join(missing[:5])}")
+    lora_groups, modules = add_lora(cfg, parts)
+    ti_steps, lora_steps = cfg.phase_steps
+    phases = [
+        Phase("embedding", ti_steps, [{"params": embeddings.parameters(), "lr": cfg.embedding_lr}], True, embeddings),
+        Phase("lora", lora_steps, lora_groups, trains_text_encoder=cfg.train_text_encoder, on_start=embeddings.freeze),
+    ]
+    optim = OptimConfig(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, snr_gamma=cfg.snr_gamma, seed=cfg.seed)
+    tuner = FineTuner(parts, data.examples, phases, optim, masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings)
+    tuner.skipped = data.skipped
+    return tuner
