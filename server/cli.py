@@ -25,12 +25,17 @@ def _serve(args) -> int:
         backends=tuple(args.backend.split(",")) if args.backend else None,
         engines_dir=args.engines_dir,
         admission_wait_ms=args.admission_wait_ms,
+        max_running_images=args.max_running_images,
+        intra_op_threads=args.threads,
         adapters_dir=args.adapters_dir,
     )
 
     async def run() -> None:
         server = ImpastoServer(config)
         await server.start()
+        import torch
+
+        print(f"impasto: {torch.get_num_threads()} torch threads", flush=True)
         print(f"impasto: serving on {config.host}:{server.port}", flush=True)
         if server.metrics_port is not None:
             print(f"impasto: metrics on http://{config.host}:{server.metrics_port}/metrics", flush=True)
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--default-model", help="the model used when a request names none")
     serve.add_argument("--adapters-dir", type=Path, help="where uploaded LoRA adapters are stored (default: <data dir>/adapters)")
     serve.add_argument("--max-batch-size", type=int, help="images per UNet call; 1 turns batching off")
+    serve.add_argument("--max-running-images", type=int, help="images admitted at once (default 4 batches)")
+    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
     serve.add_argument("--admission-wait-ms", type=float, help="wait this long for more requests before a batch starts from idle")
     serve.add_argument("--backend", help="backend preference order, e.g. openvino,onnxruntime,torch (torch is the fallback)")
     serve.add_argument("--engines-dir", type=Path, help="engine folders written by `impasto compile --out`")
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
 
     # Commands owned by other parts register themselves when those parts are present.
-    for module, hook in (("impasto.compiler.cli", "add_compile_command"), ("impasto.lora.cli", "add_lora_commands")):
+    for module, hook in (("impasto.compiler.cli", "add_compile_command"), ("impasto.lora.cli", "add_lora_commands"), ("impasto_client.bench.cli", "add_bench_command")):
         try:
             getattr(__import__(module, fromlist=[hook]), hook)(sub)
         except (ImportError, AttributeError):

@@ -55,12 +55,20 @@ class SchedulerConfig:
     admission_wait_ms: float = 0.0
     # A waiting request rises one priority level per this many seconds (no starvation).
     priority_aging_s: float = 30.0
+    # Images admitted to the running set at once (0: 4 batches' worth). Admitting past one batch
+    # lets a short request start while long ones run, instead of waiting at the door.
+    max_running_images: int = 0
+    # torch intra-op threads for the engines (0: torch's default, one per core). On a machine
+    # shared with other work, fewer threads avoid oversubscription collapse.
+    intra_op_threads: int = 0
 
     def validate(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"scheduler.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.admission_wait_ms < 0:
             raise ValueError(f"scheduler.admission_wait_ms must be >= 0, got {self.admission_wait_ms}")
+        if self.max_running_images < 0 or self.intra_op_threads < 0:
+            raise ValueError("scheduler.max_running_images and scheduler.intra_op_threads must be >= 0")
         if self.priority_aging_s <= 0:
             raise ValueError(f"scheduler.priority_aging_s must be > 0, got {self.priority_aging_s}")
 

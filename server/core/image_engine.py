@@ -69,6 +69,7 @@ class ImageEngine:
             config.scheduler.max_batch_size,
             admission_wait_s=config.scheduler.admission_wait_ms / 1000.0,
             priority_aging_s=config.scheduler.priority_aging_s,
+            max_running_images=config.scheduler.max_running_images or None,
             metrics=self.metrics,
             adapter_cache_bytes=config.limits.adapter_cache_bytes,
         )
@@ -81,6 +82,10 @@ class ImageEngine:
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self, preload_default: bool = True) -> None:
+        if self.config.scheduler.intra_op_threads:
+            import torch
+
+            torch.set_num_threads(self.config.scheduler.intra_op_threads)
         if preload_default:
             self.registry.load("")
         self.step_loop.start()

@@ -48,6 +48,8 @@ class RequestState:
     timesteps: list = field(default_factory=list)
     step_index: int = 0
     started_at: float = 0.0
+    last_progress_at: float = 0.0
+    ema_step_interval: float = 0.0
 
     @property
     def batch_key(self) -> tuple:

@@ -63,11 +63,12 @@ class StepLoop:
         *,
         admission_wait_s: float = 0.0,
         priority_aging_s: float = 30.0,
+        max_running_images: int | None = None,
         metrics: Metrics | None = None,
         embedding_cache_entries: int = 1024,
         adapter_cache_bytes: int = 2 * 1024**3,
     ):
-        self.scheduler = RequestScheduler(max_batch_size, priority_aging_s=priority_aging_s)
+        self.scheduler = RequestScheduler(max_batch_size, priority_aging_s=priority_aging_s, max_running_images=max_running_images)
         self.admission_wait_s = admission_wait_s
         self.metrics = metrics or Metrics()
         self.embeddings = EmbeddingCache(embedding_cache_entries)
@@ -164,8 +165,9 @@ class StepLoop:
                     self.scheduler.abort(state.request_id)
                     self._fail(state.request_id, exc)
                 return
-            self._record_step_time(time.perf_counter() - started, batch)
-            finished = self.scheduler.update(out.batch, time.monotonic())
+            step_seconds = time.perf_counter() - started
+            self._record_step_time(step_seconds, batch)
+            finished = self.scheduler.update(out.batch, time.monotonic(), step_seconds)
             self._emit_progress(batch)
             if finished:
                 self._finish([self._requests[r] for r in finished])
@@ -294,7 +296,18 @@ class StepLoop:
                 preview, mime = self._preview(state), "image/jpeg"
             if state.step_index == 1:
                 self.metrics.time_to_first_progress.observe(time.monotonic() - state.arrival)
-            state.emit(Progress(state.step_index, num_steps, remaining * self.stats.ema_step_seconds, preview, mime))
+            state.emit(Progress(state.step_index, num_steps, remaining * self._step_interval(state), preview, mime))
+
+    @staticmethod
+    def _step_interval(state: RequestState) -> float:
+        """This request's own seconds per step, as it experiences them (EMA of the time between
+        its progress events): that includes the steps other groups run in between, which a
+        global step time would not, so the ETA holds under mixed load."""
+        now = time.monotonic()
+        interval = now - (state.last_progress_at or state.started_at)
+        state.last_progress_at = now
+        state.ema_step_interval = interval if not state.ema_step_interval else 0.7 * state.ema_step_interval + 0.3 * interval
+        return state.ema_step_interval
 
     def _preview(self, state: RequestState) -> bytes:
         # Decodes the sampler's clean estimate of image 0 with the real VAE: exact, and on the

@@ -15,7 +15,7 @@ from conftest import running_server
 
 
 def test_full_queue_answers_resource_exhausted_at_once():
-    with running_server(max_batch_size=1, max_queue_length=1) as server, ImpastoClient(server.target) as client:
+    with running_server(max_batch_size=1, max_running_images=1, max_queue_length=1) as server, ImpastoClient(server.target) as client:
         busy = client.generate("a circle", num_steps=150, seed=1)
         assert any(isinstance(e, Started) for e in _until_started(busy))  # running, not waiting
         waiting = client.generate("a square", num_steps=2, seed=2)

@@ -22,11 +22,21 @@ def run_to_end(s: RequestScheduler, limit=100):
     return trace
 
 
-def test_batch_size_one_is_fcfs_one_at_a_time():
+def test_batch_size_one_runs_equal_requests_one_after_another():
     s = RequestScheduler(max_batch_size=1)
     for i, rid in enumerate("abc"):
         s.add(req(rid, steps=2, arrival=i))
     assert run_to_end(s) == [["a"], ["a"], ["b"], ["b"], ["c"], ["c"]]
+
+
+def test_short_request_is_admitted_past_running_long_ones():
+    s = RequestScheduler(max_batch_size=1)  # running room: 4 images
+    s.add(req("long1", steps=30, arrival=0))
+    s.add(req("long2", steps=30, arrival=0.1))
+    s.schedule(1.0)
+    s.add(req("short", steps=4, arrival=1.5))
+    out = s.schedule(2.0)
+    assert out.admitted == ["short"] and out.batch == ["short"]
 
 
 def test_requests_at_different_steps_share_a_call():
@@ -45,16 +55,48 @@ def test_requests_at_different_steps_share_a_call():
     assert not s.has_work()
 
 
-def test_different_batch_keys_alternate():
+def test_shorter_remaining_work_goes_first_across_batch_keys():
     s = RequestScheduler(max_batch_size=4)
-    s.add(req("small", key="64x64", steps=2, arrival=0))
-    s.add(req("large", key="128x128", steps=2, arrival=1))
-    trace = run_to_end(s)
-    assert trace == [["small"], ["large"], ["small"], ["large"]]
+    s.add(req("long", key="64x64", steps=6, arrival=0))
+    s.add(req("short", key="128x128", steps=2, arrival=0.5))
+    assert run_to_end(s) == [["short"], ["short"]] + [["long"]] * 6
 
 
-def test_batch_is_capped_in_images_and_a_big_request_runs_alone():
-    s = RequestScheduler(max_batch_size=3)
+def test_measured_step_time_counts_in_remaining_work():
+    s = RequestScheduler(max_batch_size=4)
+    s.add(req("warm-small", key="64", steps=1, arrival=0))
+    s.add(req("warm-large", key="128", steps=1, arrival=0))
+    s.update(s.schedule(0.0).batch, 0.0, step_seconds=0.01)  # one of them ran: measure it
+    s.update(s.schedule(0.0).batch, 0.0, step_seconds=0.08)
+    assert s.step_seconds("64") == 0.01 or s.step_seconds("128") == 0.01
+    cheap = "64" if s.step_seconds("64") == 0.01 else "128"
+    dear = "128" if cheap == "64" else "64"
+    # 3 steps of the dear size (0.24 s) are more work than 10 of the cheap one (0.1 s).
+    s.add(req("dear", key=dear, steps=3, arrival=1.0))
+    s.add(req("cheap", key=cheap, steps=10, arrival=1.0))
+    assert s.schedule(1.0).batch == ["cheap"]
+
+
+def test_a_long_request_is_slowed_but_never_starved_by_short_ones():
+    # A 2-step request every 3 steps keeps the server 2/3 busy with short work; the long one
+    # takes the rest and finishes, while every short one finishes in its 2 steps.
+    s = RequestScheduler(max_batch_size=1, max_running_images=100)
+    s.add(req("long", key="L", steps=20, arrival=0))
+    finished_at: dict[str, int] = {}
+    for t in range(1, 80):
+        if t % 3 == 1:
+            s.add(req(f"short{t}", key="S", steps=2, arrival=float(t)))
+        out = s.schedule(float(t))
+        for done in s.update(out.batch, t + 0.5, step_seconds=1.0):
+            finished_at[done] = t
+    assert "long" in finished_at
+    shorts = {k: v for k, v in finished_at.items() if k.startswith("short")}
+    # each short one takes at most twice its time alone (2 steps)
+    assert shorts and all(v - int(k[5:]) + 1 <= 4 for k, v in shorts.items()), shorts
+
+
+def test_running_set_and_batch_are_capped_in_images_and_a_big_request_runs_alone():
+    s = RequestScheduler(max_batch_size=3, max_running_images=3)
     s.add(req("two", images=2, arrival=0))
     s.add(req("one", images=1, arrival=1))
     s.add(req("big", images=5, arrival=2))
