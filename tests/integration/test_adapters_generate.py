@@ -102,6 +102,8 @@ def test_switching_is_exact_a_b_a_and_back_to_base(served):
     assert (base == base2).all(), "no adapters must give the base image bit for bit"
     assert psnr(a1, b) < 30 and psnr(a1, base) < 30
     assert server.engine.step_loop.stats.adapter_switches >= 4
+    switches = server.engine.metrics.registry.get_sample_value("impasto_adapter_switch_seconds_count", {"component": "unet"})
+    assert switches is not None and switches >= 4
 
 
 def test_prompt_syntax_strips_tag_and_writes_lora_hashes(served, files):
