@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
 
     # Commands owned by other parts register themselves when those parts are present.
-    for module, hook in (("impasto.compiler.cli", "add_compile_command"), ("impasto.lora.cli", "add_lora_commands"), ("impasto_client.bench.cli", "add_bench_command")):
+    for module, hook in (("impasto.compiler.cli", "add_compile_command"), ("impasto.lora.cli", "add_lora_commands"), ("impasto.training.cli", "add_train_command"), ("impasto_client.bench.cli", "add_bench_command")):
         try:
             getattr(__import__(module, fromlist=[hook]), hook)(sub)
         except (ImportError, AttributeError):

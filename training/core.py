@@ -83,26 +83,52 @@ def load_components(model_dir: str | Path) -> BaseComponents:
 
 
 class CachedLatents:
-    """The VAE runs once per image; every step draws a fresh sample of its posterior (as SD does)."""
+    """The VAE runs once per image; every step draws a fresh sample of its posterior (as SD does).
+
+    Images of several sizes (aspect buckets from `impasto prep --crop bucket`) are kept in one
+    group per size; a batch is drawn from one group, so it stacks.
+    """
 
     def __init__(self, vae, examples: list[Example]):
-        pixels = torch.stack([e.pixels for e in examples])
-        with torch.no_grad():
-            dist = vae.encode(pixels).latent_dist
-        self.mean, self.std = dist.mean, dist.std
         self.scaling = float(vae.config.scaling_factor)
-        self.masks = None
-        if all(e.mask is not None for e in examples):
-            size = self.mean.shape[-1]
-            masks = torch.stack([e.mask for e in examples])
-            self.masks = nn.functional.interpolate(masks, size=(size, size), mode="area")
+        self.groups: list[list[int]] = []  # example indices per image size
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, e in enumerate(examples):
+            by_size.setdefault(tuple(e.pixels.shape), []).append(i)
+        self.mean: list[torch.Tensor] = [None] * len(examples)
+        self.std: list[torch.Tensor] = [None] * len(examples)
+        self.masks: list[torch.Tensor] | None = [None] * len(examples) if all(e.mask is not None for e in examples) else None
+        for indices in by_size.values():
+            with torch.no_grad():
+                dist = vae.encode(torch.stack([examples[i].pixels for i in indices])).latent_dist
+            for k, i in enumerate(indices):
+                self.mean[i], self.std[i] = dist.mean[k], dist.std[k]
+                if self.masks is not None:
+                    size = tuple(dist.mean.shape[-2:])
+                    self.masks[i] = nn.functional.interpolate(examples[i].mask[None], size=size, mode="area")[0]
+            self.groups.append(indices)
+        self._group_of = {i: g for g, indices in enumerate(self.groups) for i in indices}
 
     def __len__(self) -> int:
         return len(self.mean)
 
-    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(self.mean[idx].shape, generator=generator)
-        return (self.mean[idx] + self.std[idx] * noise) * self.scaling
+    def draw(self, batch_size: int, generator: torch.Generator) -> list[int]:
+        """`batch_size` example indices of one size: the size of a random example, then uniform in it."""
+        if len(self.groups) == 1:
+            group = self.groups[0]
+        else:
+            group = self.groups[self._group_of[int(torch.randint(0, len(self), (1,), generator=generator))]]
+        picks = torch.randint(0, len(group), (batch_size,), generator=generator).tolist()
+        return [group[k] for k in picks]
+
+    def sample(self, idx: list[int], generator: torch.Generator) -> torch.Tensor:
+        mean = torch.stack([self.mean[i] for i in idx])
+        std = torch.stack([self.std[i] for i in idx])
+        noise = torch.randn(mean.shape, generator=generator)
+        return (mean + std * noise) * self.scaling
+
+    def mask_batch(self, idx: list[int]) -> torch.Tensor:
+        return torch.stack([self.masks[i] for i in idx])
 
 
 # --- LoRA ----------------------------------------------------------------------------------------
@@ -378,21 +404,25 @@ class FineTuner:
         phase = self.phases[index]
         gen, bs = self.generator, self.optim.batch_size
 
-        idx = torch.randint(0, len(self.instance), (bs,), generator=gen)
+        idx = self.instance.draw(bs, gen)
         latents = self.instance.sample(idx, gen)
-        captions = [self.instance_captions[i] for i in idx.tolist()]
+        captions = [self.instance_captions[i] for i in idx]
         if self.classes is not None:
-            cidx = torch.randint(0, len(self.classes), (bs,), generator=gen)
-            latents = torch.cat([latents, self.classes.sample(cidx, gen)])
-            captions += [self.class_captions[i] for i in cidx.tolist()]
+            # One UNet call for both halves needs one latent size: class images of the
+            # instance batch's size (they are made at the model's size; buckets train alone).
+            cidx = self.classes.draw(bs, gen)
+            class_latents = self.classes.sample(cidx, gen)
+            if class_latents.shape[-2:] == latents.shape[-2:]:
+                latents = torch.cat([latents, class_latents])
+                captions += [self.class_captions[i] for i in cidx]
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = sample_timesteps(self.noise_scheduler, len(latents), gen)
         noisy, target = noisy_latents_and_target(self.noise_scheduler, latents, noise, timesteps)
         context = self._encode(captions, phase.trains_text_encoder)
         pred = self.parts.unet(noisy, timesteps, context).sample
 
-        loss = self._loss(pred[:bs], target[:bs], timesteps[:bs], self.instance.masks[idx] if self.masked_loss else None)
-        if self.classes is not None:
+        loss = self._loss(pred[:bs], target[:bs], timesteps[:bs], self.instance.mask_batch(idx) if self.masked_loss else None)
+        if len(latents) > bs:
             loss = loss + self.prior_loss_weight * self._loss(pred[bs:], target[bs:], timesteps[bs:], None)
 
         self.optimizer.zero_grad(set_to_none=True)

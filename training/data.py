@@ -3,7 +3,8 @@
 A folder is read in one of two ways:
 - prepared by `impasto prep`: `metadata.jsonl`, one JSON object per line,
   `{"file": "images/0001.png", "caption": "a sks shape", "mask": "masks/0001.png"}` (mask optional),
-  images already at the training size;
+  images already cropped: used at their own size when both sides are multiples of 8 (aspect
+  buckets), else centre-cropped to the model's size;
 - raw: every readable image in the folder (not in subfolders), its caption from a sidecar
   `<stem>.txt`, else the job's instance prompt; resized with a centre crop.
 
@@ -53,10 +54,10 @@ def pixels_of(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
-def mask_of(image: Image.Image, size: int) -> torch.Tensor:
+def mask_of(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     m = image.convert("L")
-    if m.size != (size, size):
-        m = centre_crop_resize(m, size)
+    if m.size != size:
+        m = ImageOps.fit(m, size, Image.Resampling.BILINEAR, centering=(0.5, 0.5))
     return torch.from_numpy(np.asarray(m, dtype=np.float32).copy() / 255.0)[None]
 
 
@@ -71,7 +72,8 @@ def load_dataset(folder: Path, *, resolution: int, default_caption: str = "", to
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist")
     report = DatasetReport([])
-    if (folder / METADATA_FILE).is_file():
+    prepared = (folder / METADATA_FILE).is_file()
+    if prepared:
         rows = []
         for n, line in enumerate((folder / METADATA_FILE).read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
@@ -92,7 +94,11 @@ def load_dataset(folder: Path, *, resolution: int, default_caption: str = "", to
         except Exception as exc:  # PIL raises many types for a bad file
             report.skipped.append((name, f"unreadable: {type(exc).__name__}: {exc}"))
             continue
-        if image.size != (resolution, resolution):
+        if min(image.size) < resolution // 2:
+            report.skipped.append((name, f"too small: {image.size[0]}x{image.size[1]}, the short side must be >= {resolution // 2}"))
+            continue
+        bucketed = prepared and image.size[0] % 8 == 0 and image.size[1] % 8 == 0
+        if image.size != (resolution, resolution) and not bucketed:
             image = centre_crop_resize(image.convert("RGB"), resolution)
         caption = row.get("caption")
         if caption is None:
@@ -106,7 +112,7 @@ def load_dataset(folder: Path, *, resolution: int, default_caption: str = "", to
                 report.skipped.append((name, "masked loss asked for, but the image has no mask"))
                 continue
             try:
-                mask = mask_of(_open(mask_path), resolution)
+                mask = mask_of(_open(mask_path), image.size)
             except Exception as exc:
                 report.skipped.append((name, f"mask unreadable: {type(exc).__name__}: {exc}"))
                 continue

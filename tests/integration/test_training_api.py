@@ -94,3 +94,19 @@ def test_bad_options_name_the_field(served, tmp_path):
         client.start_training("lora", dataset="missing", adapter_name="x2")
     with pytest.raises(NotFoundError):
         client.get_job("nope")
+
+
+def test_cli_train_with_upload_and_progress_bar(served, tmp_path, capsys):
+    from impasto.cli import main
+
+    server, client, _ = served
+    argv = ["train", "lora", "--target", server.target, "--upload", str(star_files(tmp_path)), "--dataset", "cli-stars",
+            "--adapter-name", "cli-star", "--instance-prompt", "a sks shape", "--steps", "3", "--batch-size", "1", "--rank", "1",
+            "--download-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "3/3" in captured.err and "succeeded" in captured.err
+    assert "adapter 'cli-star' registered" in captured.out
+    assert (tmp_path / "out" / "cli-star.safetensors").is_file() and (tmp_path / "out" / "cli-star.diffusers.safetensors").is_file()
+    assert main(["jobs", "--target", server.target]) == 0
+    assert "cli-star" in capsys.readouterr().out

@@ -1,0 +1,211 @@
+"""`impasto train`, `impasto jobs` and `impasto prep`.
+
+    impasto prep photos/ --out $IMPASTO_DATA_DIR/datasets/stars --size 64 --caption template --template "a {token} shape"
+    impasto train dreambooth_lora --upload photos/ --dataset stars --adapter-name sks-star \\
+        --instance-prompt "a sks shape" --class-prompt "a shape" --steps 300
+    impasto jobs                      # list;  impasto jobs --watch ID  /  --cancel ID
+
+`train` and `jobs` talk to a running server (the client package only); `prep` works locally.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def _bar(step: int, total: int, loss: float, eta: float, phase: str, width: int = 30) -> str:
+    filled = int(width * step / max(total, 1))
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f} {phase} eta {eta:5.0f}s "
+
+
+def _client(args):
+    try:
+        from impasto_client import ImpastoClient
+    except ImportError:
+        sys.exit("impasto: the client package is not installed (pip install -e clients/python)")
+    return ImpastoClient(args.target)
+
+
+def _watch(client, job_id: str, args) -> int:
+    from impasto_client.training import JobResumed, JobStatus, TrainingProgress, TrainingSample
+
+    last = None
+    for event in client.watch_job(job_id):
+        if isinstance(event, TrainingProgress):
+            print(_bar(event.step, event.num_steps, event.loss, event.eta_seconds, event.phase), end="", file=sys.stderr, flush=True)
+        elif isinstance(event, JobResumed):
+            print(f"\nresumed from the checkpoint at step {event.from_step}", file=sys.stderr)
+        elif isinstance(event, TrainingSample):
+            if args.samples_dir:
+                Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
+                path = Path(args.samples_dir) / f"step{event.step:05d}-{abs(hash(event.prompt)) % 10_000:04d}.png"
+                path.write_bytes(event.image)
+                print(f"\nsample: {path} ({event.prompt})", file=sys.stderr)
+        elif isinstance(event, JobStatus):
+            if last is None or event.state != last.state:
+                print(f"\njob {event.job_id}: {event.state}{' - ' + event.message if event.message else ''}", file=sys.stderr)
+            last = event
+    if last is None or last.state != "succeeded":
+        return 2
+    if last.adapter_id:
+        print(f"adapter '{last.adapter_name}' registered (id {last.adapter_id}); use <lora:{last.adapter_name}:1> in a prompt")
+    if args.download_dir:
+        out = Path(args.download_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for output in last.outputs:
+            name, data = client.download_job_output(job_id, output)
+            (out / name).write_bytes(data)
+            print(f"wrote {out / name}")
+    return 0
+
+
+def _train(args) -> int:
+    from impasto_client import ImpastoError
+
+    client = _client(args)
+    try:
+        if args.upload:
+            response = client.upload_dataset(args.dataset, args.upload)
+            print(f"uploaded dataset '{response.name}': {response.num_files} files, {response.size_bytes} bytes", file=sys.stderr)
+        job_id = client.start_training(
+            args.method,
+            dataset=args.dataset,
+            adapter_name=args.adapter_name,
+            model=args.model,
+            instance_prompt=args.instance_prompt,
+            num_steps=args.steps,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            sample_every=args.sample_every,
+            sample_prompts=args.sample_prompt,
+            masked_loss=args.masked_loss,
+            gradient_checkpointing=args.gradient_checkpointing,
+            rank=args.rank,
+            alpha=args.alpha,
+            train_text_encoder=args.train_text_encoder,
+            conv=args.conv,
+            unet_lr=args.unet_lr,
+            text_encoder_lr=args.text_encoder_lr,
+            class_prompt=args.class_prompt,
+            num_class_images=args.num_class_images,
+            prior_loss_weight=args.prior_loss_weight,
+            token=args.token,
+            initializer_token=args.initializer_token,
+            num_vectors=args.num_vectors,
+            embedding_lr=args.embedding_lr,
+            embedding_steps=args.embedding_steps,
+        )
+        print(f"job {job_id} queued", file=sys.stderr)
+        if args.detach:
+            print(job_id)
+            return 0
+        return _watch(client, job_id, args)
+    except ImpastoError as error:
+        print(f"\nimpasto: {error}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+def _jobs(args) -> int:
+    from impasto_client import ImpastoError
+
+    client = _client(args)
+    try:
+        if args.cancel:
+            job = client.cancel_job(args.cancel)
+            print(f"job {job.job_id}: {job.state}")
+            return 0
+        if args.watch:
+            return _watch(client, args.watch, args)
+        for job in client.list_jobs():
+            extra = f" resumed@{job.resumed_from_step}" if job.resumed_from_step else ""
+            print(f"{job.job_id}  {job.state:10s} {job.step}/{job.num_steps}  loss {job.loss:.4f}  -> {job.adapter_name}{extra}  {job.message}")
+        return 0
+    except ImpastoError as error:
+        print(f"impasto: {error}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+def _prep(args) -> int:
+    from .prep import PrepConfig, prepare
+
+    cfg = PrepConfig(
+        source=args.source, out=args.out, size=args.size, crop=args.crop, caption=args.caption, template=args.template,
+        token=args.token, masks=args.masks or "", min_size=args.min_size, seed=args.seed, overwrite=args.overwrite,
+    )  # fmt: skip
+    try:
+        report = prepare(cfg)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"impasto prep: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {args.out}")
+    return 0 if report.kept else 2
+
+
+def _watch_options(parser) -> None:
+    parser.add_argument("--samples-dir", help="save the sample images the job sends here")
+    parser.add_argument("--download-dir", help="when the job succeeds, download its adapter files here")
+
+
+def add_train_command(subparsers) -> None:
+    target = {"default": "localhost:50051", "help": "server address (default localhost:50051)"}
+    train = subparsers.add_parser("train", help="train an adapter on a running server, with a progress bar")
+    train.add_argument("method", choices=["lora", "dreambooth_lora", "textual_inversion", "pivotal_tuning"])
+    train.add_argument("--target", **target)
+    train.add_argument("--dataset", required=True, help="dataset folder name under the server's data dir (or the name to upload as)")
+    train.add_argument("--upload", help="upload this local folder as --dataset first")
+    train.add_argument("--adapter-name", required=True)
+    train.add_argument("--model", default="")
+    train.add_argument("--instance-prompt", default="", help="caption of images without one; {token} is the token")
+    train.add_argument("--steps", type=int, default=0)
+    train.add_argument("--batch-size", type=int, default=0)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--checkpoint-every", type=int, default=0)
+    train.add_argument("--sample-every", type=int, default=0)
+    train.add_argument("--sample-prompt", action="append", help="repeat for several")
+    train.add_argument("--masked-loss", action="store_true")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--rank", type=int, default=0)
+    train.add_argument("--alpha", type=float)
+    train.add_argument("--train-text-encoder", action="store_true")
+    train.add_argument("--conv", action="store_true", help="LoCon: also the ResNet convolutions")
+    train.add_argument("--unet-lr", type=float)
+    train.add_argument("--text-encoder-lr", type=float)
+    train.add_argument("--class-prompt", default="", help="DreamBooth prior preservation, e.g. 'a shape'")
+    train.add_argument("--num-class-images", type=int, default=0)
+    train.add_argument("--prior-loss-weight", type=float)
+    train.add_argument("--token", default="", help="textual inversion / pivotal tuning: the new token, e.g. '<pink>'")
+    train.add_argument("--initializer-token", default="")
+    train.add_argument("--num-vectors", type=int, default=0)
+    train.add_argument("--embedding-lr", type=float)
+    train.add_argument("--embedding-steps", type=int, default=0)
+    train.add_argument("--detach", action="store_true", help="print the job id and return; watch later with `impasto jobs --watch`")
+    _watch_options(train)
+    train.set_defaults(func=_train)
+
+    jobs = subparsers.add_parser("jobs", help="list, watch or cancel training jobs on a running server")
+    jobs.add_argument("--target", **target)
+    jobs.add_argument("--watch", metavar="JOB_ID")
+    jobs.add_argument("--cancel", metavar="JOB_ID")
+    _watch_options(jobs)
+    jobs.set_defaults(func=_jobs)
+
+    prep = subparsers.add_parser("prep", help="prepare a training dataset folder: crop, captions, masks, metadata")
+    prep.add_argument("source")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--size", type=int, default=64)
+    prep.add_argument("--crop", choices=["center", "random", "bucket"], default="center")
+    prep.add_argument("--caption", choices=["sidecar", "filename", "template"], default="sidecar")
+    prep.add_argument("--template", default="a {token}")
+    prep.add_argument("--token", default="")
+    prep.add_argument("--masks", help="folder of masks named like the images")
+    prep.add_argument("--min-size", type=int, default=0)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--overwrite", action="store_true")
+    prep.set_defaults(func=_prep)
