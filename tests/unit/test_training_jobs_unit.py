@@ -1,0 +1,86 @@
+"""The job system's pure parts: spec checks, dataset names, yielding to serving."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from impasto.config import ServerConfig, TrainingConfig, load_config
+from impasto.core.errors import InvalidArgument
+from impasto.core.training_datasets import DatasetStore, check_dataset_name, check_file_path
+from impasto.core.training_jobs import JobRecord, JobState, TrainingJobs
+from impasto.core.training_methods import TrainingSpec, validate_spec
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "/abs", "a/b", "a\\..\\b", "C:\\x", "", "x/../y", "a..b/.."])
+def test_dataset_names_are_plain_folder_names(name):
+    with pytest.raises(InvalidArgument, match="dataset"):
+        check_dataset_name(name)
+
+
+def test_dataset_symlink_out_of_the_data_dir_is_refused(tmp_path):
+    store = DatasetStore(tmp_path / "data", 1000)
+    (tmp_path / "data" / "datasets").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "data" / "datasets" / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(InvalidArgument, match="outside"):
+        store.resolve("link")
+
+
+@pytest.mark.parametrize("path", ["../a.png", "/a.png", "a/../../b.png", ".hidden", "a\\b.png", "a/b/c/d.png"])
+def test_upload_file_paths(path):
+    with pytest.raises(InvalidArgument, match="file.path"):
+        check_file_path(path)
+    assert str(check_file_path("images/0001.png")) == "images/0001.png"
+
+
+@pytest.mark.parametrize(
+    "spec, field",
+    [
+        (TrainingSpec("sgd", "d", "a"), "method"),
+        (TrainingSpec("dreambooth_lora", "d", "a"), "instance_prompt"),
+        (TrainingSpec("textual_inversion", "d", "a"), "textual_inversion.token"),
+        (TrainingSpec("pivotal_tuning", "d", "a", token="<t>"), "initializer_token"),
+        (TrainingSpec("lora", "d", "a", rank=1000), "lora.rank"),
+        (TrainingSpec("lora", "d", "a", unet_lr=2.0), "unet_lr"),
+        (TrainingSpec("pivotal_tuning", "d", "a", token="<t>", initializer_token="x", num_steps=10, embedding_steps=10), "embedding_steps"),
+    ],
+)
+def test_spec_errors_name_the_field(spec, field):
+    with pytest.raises(InvalidArgument, match=field):
+        validate_spec(spec)
+
+
+def test_records_round_trip_through_json():
+    job = JobRecord("j1", TrainingSpec("lora", "d", "a", sample_prompts=("x",), alpha=2.0), state=JobState.RUNNING, outputs={"kohya": "a.safetensors"})
+    assert JobRecord.from_json(job.to_json()) == job
+
+
+def test_training_config_section(tmp_path):
+    path = tmp_path / "impasto.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path}"\n[training]\ncheckpoint_every = 7\n')
+    config = load_config(path)
+    assert config.training.checkpoint_every == 7 and config.resolved_data_dir == tmp_path
+    assert config.resolved_adapters_dir == tmp_path / "adapters"
+    with pytest.raises(ValueError, match="training.max_running_jobs"):
+        load_config(None, max_running_jobs=0)
+
+
+def test_a_step_waits_while_the_step_loop_has_work():
+    busy = threading.Event()
+    busy.set()
+    engine = SimpleNamespace(step_loop=SimpleNamespace(scheduler=SimpleNamespace(has_work=busy.is_set)))
+    config = ServerConfig(training=TrainingConfig(max_yield_wait_s=5.0))
+    jobs = TrainingJobs(config, engine)
+    job = JobRecord("j", TrainingSpec("lora", "d", "a"))
+    threading.Timer(0.2, busy.clear).start()
+    jobs._yield_to_serving(job)
+    assert not busy.is_set()  # it returned only once serving was idle
+
+    # A job is never starved: past max_yield_wait_s it takes one step anyway.
+    busy.set()
+    jobs.config = TrainingConfig(max_yield_wait_s=0.05)
+    jobs._yield_to_serving(job)
+    assert busy.is_set()
