@@ -33,6 +33,7 @@ import json
 import os
 import queue
 import re
+from pathlib import Path
 import statistics
 import subprocess
 import sys
@@ -70,10 +71,23 @@ SYSTEM_NAMES = {"a": "(a) impasto, batch 8", "b": "(b) impasto, batch 1", "c": "
 
 
 # --- the impasto servers ----------------------------------------------------------------------
-def start_server(max_batch_size: int, threads: int) -> tuple[subprocess.Popen, str]:
+def compile_openvino(engines_dir: Path) -> None:
+    """OpenVINO engines of the default model for the workload's two sizes, batches up to 16
+    UNet rows (8 images with CFG). Reused when already built."""
+    from impasto.backends.manifest import Profile
+    from impasto.compiler.build import BuildRequest, compile_model
+    from impasto.models import default_model_path
+
+    profiles = (Profile(64, 64, 1, 16), Profile(128, 128, 1, 16))
+    result = compile_model(BuildRequest(default_model_path(), "openvino", engines_dir, profiles=profiles), log=lambda *a: None)
+    progress(f"openvino engines: {result.folder} ({'reused' if result.reused else f'built in {result.seconds:.0f} s'})")
+
+
+def start_server(max_batch_size: int, threads: int, engines_dir: Path | None = None) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    backend = ["--backend", "openvino,torch", "--engines-dir", str(engines_dir)] if engines_dir else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "impasto.cli", "--log-level", "WARNING", "serve", "--port", "0", "--max-batch-size", str(max_batch_size)],
+        [sys.executable, "-m", "impasto.cli", "--log-level", "WARNING", "serve", "--port", "0", "--max-batch-size", str(max_batch_size), "--threads", str(threads), *backend],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -220,13 +234,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per system (see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every summary here")
+    parser.add_argument("--openvino", action="store_true", help="(a) and (b) run on OpenVINO engines compiled for the workload's sizes")
+    parser.add_argument("--engines-dir", type=Path, default=Path("/tmp/impasto-bench-engines"))
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    servers = {"a": start_server(8, args.threads), "b": start_server(1, args.threads)}
+    engines_dir = None
+    if args.openvino:
+        compile_openvino(args.engines_dir)
+        engines_dir = args.engines_dir
+        SYSTEM_NAMES.update(a="(a) impasto+OpenVINO, batch 8", b="(b) impasto+OpenVINO, batch 1")
+    servers = {"a": start_server(8, args.threads, engines_dir), "b": start_server(1, args.threads, engines_dir)}
     targets = {name: target for name, (_, target) in servers.items()}
     try:
         worker = DiffusersWorker()
