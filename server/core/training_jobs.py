@@ -169,6 +169,8 @@ class TrainingJobs:
             self._jobs[job.job_id] = job
         for job in sorted(self._jobs.values(), key=lambda j: j.created):
             if job.state not in FINAL:
+                for leftover in self._dir(job).glob(".checkpoint.*.tmp"):  # a crash mid-write
+                    leftover.unlink(missing_ok=True)
                 job.state = JobState.QUEUED
                 self._save(job)
                 self._queue.append(job.job_id)
@@ -430,13 +432,14 @@ class TrainingJobs:
         from .adapter_weights import base_weight_shapes
 
         spec = job.spec
+        adapter = tuner.adapter()
         metadata = {
-            "ss_network_dim": str(max(tuner.adapter().ranks, default=0)),
+            "ss_network_dim": str(max(adapter.ranks, default=0)),
             "impasto_training_method": spec.method,
             "impasto_training_steps": str(tuner.step),
             "impasto_base_model": job.model,
         }
-        adapter = tuner.adapter(metadata)
+        adapter.metadata.update(metadata)
         files = write_outputs(adapter, self._dir(job) / "outputs", spec.adapter_name, metadata)
         with self._lock:
             job.outputs = {name: path.name for name, path in files.items()}

@@ -83,6 +83,17 @@ def test_lora_learns_and_changes_only_lora(tmp_path):
     fused = pipe.unet.get_submodule(path).base_layer.weight if hasattr(pipe.unet.get_submodule(path), "base_layer") else pipe.unet.get_submodule(path).weight
     assert torch.allclose(fused - base_w, adapter.modules[target].delta(), atol=1e-5)
 
+    # The PEFT zip unpacks to a folder PeftModel loads, with the same delta.
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    shutil.unpack_archive(files["peft_unet"], tmp_path / "peft_unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir() / "unet")
+    merged = PeftModel.from_pretrained(unet, str(tmp_path / "peft_unet")).merge_and_unload()
+    assert torch.allclose(merged.get_submodule(path).weight - base_w, adapter.modules[target].delta(), atol=1e-5)
+
 
 def test_locon_and_text_encoder_targets_with_their_own_learning_rates():
     parts = load_components(tiny_model_dir())
@@ -200,3 +211,22 @@ def test_masked_loss_counts_only_the_mask(tmp_path):
     assert tuner.train_step().loss == 0.0  # an all-zero mask: nothing to learn
     with pytest.raises(ValueError, match="mask"):
         lora_trainer.build(lora_config(masked_loss=True))  # a dataset without masks
+
+
+def test_saved_embeddings_load_into_a_fresh_copy():
+    from impasto.training.core import add_saved_embeddings
+
+    cfg = textual_inversion.TextualInversionConfig(str(tiny_model_dir()), str(star_dataset()), token="<s2>", initializer_token="star", num_vectors=2, num_steps=2, batch_size=1)
+    tuner = textual_inversion.build(cfg)
+    tuner.train_step()
+    tuner.train_step()
+    fresh = load_components(tiny_model_dir())
+    expanded = add_saved_embeddings(fresh.tokenizer, fresh.text_encoder, tuner.adapter().embeddings)
+    assert expanded == {"<s2>": "<s2> <s2>_1"}
+
+    def encode(parts, text):
+        ids = parts.tokenizer([text], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            return parts.text_encoder(ids)[0]
+
+    assert torch.allclose(encode(fresh, "a <s2> <s2>_1 shape"), encode(tuner.parts, "a <s2> <s2>_1 shape"))
