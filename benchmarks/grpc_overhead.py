@@ -21,9 +21,9 @@ import time
 from bench_common import ROOT, print_header, print_table
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+def start_server(threads: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "impasto.cli", "--log-level", "WARNING", "serve", "--port", "0"],
+        [sys.executable, "-m", "impasto.cli", "--log-level", "WARNING", "serve", "--port", "0", "--threads", str(threads)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -41,7 +41,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=None, help="default: the model's")
     parser.add_argument("--prompt", default="a red circle on a white background")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on both sides (1: robust on a shared machine)")
     args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from impasto.config import ServerConfig
     from impasto.core.image_engine import ImageEngine
@@ -50,7 +55,7 @@ def main() -> None:
 
     engine = ImageEngine(ServerConfig())
     engine.start()
-    proc, target = start_server()
+    proc, target = start_server(args.threads)
     client = ImpastoClient(target)
 
     async def in_process(seed: int) -> None:
@@ -82,7 +87,9 @@ def main() -> None:
 
     defaults = engine.registry.resolve("").defaults
     steps = args.steps or defaults.num_steps
-    print_header(f"gRPC Generate round trip vs in-process, default model, {steps} steps, {defaults.sampler}, {args.runs} runs")
+    print_header(
+        f"gRPC Generate round trip vs in-process, default model, {steps} steps, {defaults.sampler}, {args.runs} runs, {args.threads} thread(s)"
+    )
     med_local, med_remote = statistics.median(local), statistics.median(remote)
     print_table(
         ["path", "median ms", "p10 ms", "p90 ms", "ratio"],
