@@ -14,6 +14,9 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    "a <pink> <shape>"; bar: >= 70% of "a <pink> <shape>" images judged pink.
 4. Textual inversion and pivotal tuning of the held-out shape, beside DreamBooth-LoRA:
    pivotal tuning should be at least as good as either alone.
+5. (`--only served`) The same DreamBooth-LoRA as a server job over gRPC: UploadDataset,
+   StartTraining (class images from the server's own step loop), WatchJob, then Generate with
+   `<lora:name:1>` through the server; the served images are judged. Wall time end to end.
 
 Everything runs in this process with the trainers of impasto.training (the server's jobs run the
 same trainers); images come from diffusers' pipeline over the training copy, default settings.
@@ -112,6 +115,71 @@ def train_and_track(tuner, eval_every: int, evaluate, bar: float):
     return history, train_seconds, reached
 
 
+def served_dreambooth(args, star_data: Path, seeds: list[int]) -> list[object]:
+    """DreamBooth-LoRA as a job of a real server (in this process, on a free port), judged on
+    images the server generates with the adapter it registered."""
+    import asyncio
+    import io
+    import threading
+
+    from impasto.config import load_config
+    from impasto.rpc.app import ImpastoServer
+    from impasto_client import Image as ImageEvent
+    from impasto_client import ImpastoClient
+    from impasto_client.training import JobStatus, TrainingProgress
+
+    data_dir = Path(tempfile.mkdtemp(prefix="impasto-efficacy-server-"))
+    config = load_config(None, port=0, data_dir=data_dir, include_embedded_model=True)
+    loop = asyncio.new_event_loop()
+    ready, holder = threading.Event(), {}
+
+    def run():  # grpc.aio wants its server made on the loop that runs it
+        asyncio.set_event_loop(loop)
+        try:
+            holder["server"] = ImpastoServer(config)
+            loop.run_until_complete(holder["server"].start())
+        finally:
+            ready.set()
+        loop.run_forever()
+
+    threading.Thread(target=run, daemon=True).start()
+    ready.wait(300)
+    server = holder["server"]
+    try:
+        with ImpastoClient(f"127.0.0.1:{server.port}") as client:
+            t0 = time.perf_counter()
+            client.upload_dataset("stars", star_data)
+            job = client.start_training(
+                "dreambooth_lora", dataset="stars", adapter_name="sks-star", instance_prompt="a sks shape", class_prompt="a shape",
+                num_class_images=args.num_class_images, num_steps=args.steps, batch_size=args.batch_size, rank=args.rank,
+                unet_lr=args.unet_lr, seed=0, conv=args.conv, train_text_encoder=args.train_text_encoder,
+                text_encoder_lr=args.text_encoder_lr if args.train_text_encoder else None, prior_loss_weight=args.prior_loss_weight,
+            )  # fmt: skip
+            last = None
+            for event in client.watch_job(job):
+                if isinstance(event, (JobStatus, TrainingProgress)):
+                    last = event
+            wall = time.perf_counter() - t0
+            status = client.get_job(job)
+            if status.state != "succeeded":
+                return ["DreamBooth-LoRA (served job)", status.step, f"{wall:.0f}s", args.rank, "-", f"job {status.state}: {status.message}", "", ""]
+            prompts, judged, images = [], [], []
+            # The seeds of the in-process evaluation (generate()): the same noise per image.
+            for seed in seeds:
+                for k, colour in enumerate(EVAL_COLOURS):
+                    for event in client.generate(f"a {colour} sks shape <lora:sks-star:1>", seed=seed * 1000 + k):
+                        if isinstance(event, ImageEvent):
+                            images.append(np.asarray(Image.open(io.BytesIO(event.data)).convert("RGB")))
+                            judged.append(HELD_OUT_SHAPE)
+            shape_rate = judge(images, judged).hit_rate
+            size = len(client.download_job_output(job, "kohya")[1])
+            return ["DreamBooth-LoRA (served job, prior)", status.step, f"{wall:.0f}s wall incl. class images", args.rank,
+                    f"{size / 1024:.0f} KiB", f"{shape_rate:.0%} star (images from Generate)", "", ""]  # fmt: skip
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(default_model_path()))
@@ -120,13 +188,17 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--unet-lr", type=float, default=1e-3)
+    parser.add_argument("--conv", action="store_true", help="LoCon: LoRA on the ResNet convs too")
+    parser.add_argument("--train-text-encoder", action="store_true")
+    parser.add_argument("--text-encoder-lr", type=float, default=1e-4)
+    parser.add_argument("--prior-loss-weight", type=float, default=1.0)
     parser.add_argument("--embedding-lr", type=float, default=5e-2)
     parser.add_argument("--num-class-images", type=int, default=40)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--base-seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma list of: dreambooth,noprior,ti_colour,ti_shape,pivotal")
+    parser.add_argument("--only", default="", help="comma list of: dreambooth,noprior,ti_colour,ti_shape,pivotal,served")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else {"dreambooth", "noprior", "ti_colour", "ti_shape", "pivotal"}
@@ -134,6 +206,7 @@ def main() -> None:
     base_seeds = list(range(100, 100 + args.base_seeds))
     work = Path(tempfile.mkdtemp(prefix="impasto-efficacy-"))
     print_header("Training efficacy on the embedded shapes model (judge: models/judge.py)")
+    print(f"options: {vars(args)}")
     print(f"model: {args.model}; held-out shape {HELD_OUT_SHAPE!r}, colour {HELD_OUT_COLOUR!r}; {args.seeds} seeds x {len(EVAL_COLOURS)} colours per concept\n")
 
     base = load_components(args.model)
@@ -154,7 +227,8 @@ def main() -> None:
             model_dir=args.model, dataset=str(star_data), instance_prompt="a sks shape", token="sks", num_steps=args.steps,
             batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, seed=0,
             class_prompt="a shape", class_dir=str(work / "class"), num_class_images=args.num_class_images,
-            prior_loss_weight=1.0 if prior else 0.0,
+            prior_loss_weight=args.prior_loss_weight if prior else 0.0, conv=args.conv,
+            train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         )  # fmt: skip
 
     if "dreambooth" in only or "noprior" in only:
@@ -212,11 +286,16 @@ def main() -> None:
         results["ti_shape"] = shape_rate
         rows.append(["Textual inversion (star)", tuner.step, f"{seconds:.0f}s", "-", "-", f"{shape_rate:.0%} star ({pair_rate:.0%} star+colour)", "", f"step {reached[0]}" if reached else "not reached"])
 
+    if "served" in only:
+        print("served: DreamBooth-LoRA as a server job over gRPC", flush=True)
+        rows.append(served_dreambooth(args, star_data, seeds))
+
     if "pivotal" in only:
         print("pivotal: textual inversion then LoRA, the held-out shape", flush=True)
         cfg = pivotal_tuning.PivotalTuningConfig(
             model_dir=args.model, dataset=str(star_data), token="<sks>", initializer_token="shape", num_steps=args.steps,
             batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, embedding_lr=args.embedding_lr, seed=0,
+            conv=args.conv, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         )  # fmt: skip
         tuner = pivotal_tuning.build(cfg)
         history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8)
