@@ -11,7 +11,7 @@ diffusers users run on a CPU) and torch with bf16 autocast.
   512x512 (batch 2: guidance). PSNR there compares numerics only (the images are noise).
 
 Columns: `unet` one guided UNet step (batch 2), `e2e` one image (text encoder, all steps, VAE
-decode), `build` the compiler's time for the folder (0 when reused: see `--work`), `load` time
+decode), `build` the compiler's time for the folder (from its manifest, also when reused: see `--work`), `load` time
 and RSS to load the engines, `switch` refit time from one LoRA-like weight set to another
 (every attention / feed-forward / projection weight of the UNet), `refit MB` the RSS the
 first refit adds (copies of the base weights kept for restore), `PSNR` end to end against
@@ -146,23 +146,23 @@ class Case:
     unet_request: ImageRequest  # the size single UNet steps are timed at
     unet_repeats: int
     scaling: float
-    judge_prompts: tuple[str, ...] = ()
+    judge_prompts: tuple[tuple[str, torch.Tensor], ...] = ()  # (prompt, its token ids)
 
 
-def judge_hit_rate(engines, case: Case, tokenize) -> float | None:
+def judge_hit_rate(engines, case: Case) -> float | None:
     if not case.judge_prompts:
         return None
     from impasto.models.judge import judge
 
     images = []
-    for i, prompt in enumerate(case.judge_prompts):
-        request = ImageRequest(tokenize(prompt), tokenize(""), case.e2e.width, case.e2e.height, case.e2e.num_steps,
+    for i, (prompt, ids) in enumerate(case.judge_prompts):
+        request = ImageRequest(ids, case.e2e.uncond_ids, case.e2e.width, case.e2e.height, case.e2e.num_steps,
                                case.e2e.guidance_scale, seed=100 + i, vae_scale=case.e2e.vae_scale)
         images.append(to_uint8(generate(engines, request, case.model_dir, case.scaling)))
-    return judge(images, list(case.judge_prompts)).hit_rate
+    return judge(images, [prompt for prompt, _ in case.judge_prompts]).hit_rate
 
 
-def measure(label, engines, case: Case, reference_image, tokenize, refit_sets=None, **extra) -> tuple[Row, torch.Tensor]:
+def measure(label, engines, case: Case, reference_image, refit_sets=None, **extra) -> tuple[Row, torch.Tensor]:
     embeddings = engines.text_encoder.run({"input_ids": torch.cat([case.unet_request.uncond_ids, case.unet_request.input_ids])})["last_hidden_state"]
     unet_s = time_unet(engines, case.unet_request, case.model_dir, case.unet_repeats, embeddings)
     e2e_times, image = [], None
@@ -172,7 +172,7 @@ def measure(label, engines, case: Case, reference_image, tokenize, refit_sets=No
         e2e_times.append(time.perf_counter() - start)
     row = Row(label, unet_s, statistics.median(e2e_times), **extra)
     row.psnr_db = psnr(image, reference_image) if reference_image is not None else None
-    row.hit_rate = judge_hit_rate(engines, case, tokenize)
+    row.hit_rate = judge_hit_rate(engines, case)
     if refit_sets is not None:
         try:
             row.switch_s, row.refit_mb = time_switch(engines, *refit_sets)
@@ -187,7 +187,7 @@ def build(case: Case, backend: str, precision: str, profiles, work: Path, compon
     request = BuildRequest(case.model_dir, backend, work / "engines", precision, tuple(profiles), **kwargs)
     result = compile_model(request, log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     manifest = Manifest.read(result.folder)
-    return result.folder, (0.0 if result.reused else manifest.build_seconds)
+    return result.folder, manifest.build_seconds  # the build's own time, also when this run reused it
 
 
 def load(folder: Path, model_dir: Path, **options):
@@ -215,33 +215,53 @@ def print_row(r: Row, base: Row) -> None:
           f"| {fmt(r.refit_mb, '.0f')} | {fmt(r.psnr_db, '.1f')} | {fmt(r.hit_rate, '.0%')} | {r.note} |", flush=True)
 
 
-def run_case(title: str, case: Case, variants, work: Path, tokenize, components=None) -> None:
-    """variants: (label, backend, precision, profiles, load options, note)."""
+def measure_variant(case: Case, variant, reference_image, work: Path, components) -> Row:
+    """Build, load and measure one backend variant. Runs in its own process (see run_case)."""
+    label, backend, precision, profiles, options, note = variant
+    reference = load_model(case.model_dir)
+    weights = reference.unet.named_weights()
+    refit_sets = (lora_like(weights, 1), lora_like(weights, 2))
+    del reference, weights
+    gc.collect()
+    folder, build_s = build(case, backend, precision, profiles, work, components)
+    engines, load_s, load_mb = load(folder, case.model_dir, **options)
+    row, _ = measure(label, engines, case, reference_image, refit_sets,
+                     build_s=build_s, load_s=load_s, load_mb=load_mb, note=note)
+    return row
+
+
+def run_case(title: str, case: Case, variants, work: Path, components=None) -> None:
+    """variants: (label, backend, precision, profiles, load options, note).
+
+    Each compiled variant runs in a fresh process: the real-size engines hold several GB,
+    and one process measuring them all in turn ran out of memory.
+    """
+    import multiprocessing
+
     print(f"{title}: torch", file=sys.stderr, flush=True)
     reference = load_model(case.model_dir)
     weights = reference.unet.named_weights()
     refit_sets = (lora_like(weights, 1), lora_like(weights, 2))
     print_table_header(title)
-    base, reference_image = measure("torch eager fp32", reference, case, None, tokenize, refit_sets)
+    base, reference_image = measure("torch eager fp32", reference, case, None, refit_sets)
     print_row(base, base)
-    row, _ = measure("torch bf16 autocast", AutocastBF16(reference), case, reference_image, tokenize)
+    row, _ = measure("torch bf16 autocast", AutocastBF16(reference), case, reference_image)
     print_row(row, base)
-    for label, backend, precision, profiles, options, note in variants:
-        print(f"{title}: {label}", file=sys.stderr, flush=True)
+    del reference, weights, refit_sets
+    gc.collect()
+    spawn = multiprocessing.get_context("spawn")
+    for variant in variants:
+        print(f"{title}: {variant[0]}", file=sys.stderr, flush=True)
         try:
-            folder, build_s = build(case, backend, precision, profiles, work, components)
-            engines, load_s, load_mb = load(folder, case.model_dir, **options)
-            row, _ = measure(label, engines, case, reference_image, tokenize, refit_sets,
-                             build_s=build_s, load_s=load_s, load_mb=load_mb, note=note)
+            with spawn.Pool(1) as pool:
+                row = pool.apply(measure_variant, (case, variant, reference_image, work, components))
             print_row(row, base)
         except Exception as exc:  # one failing backend must not hide the others' figures
-            print(f"| {label} | failed: {type(exc).__name__}: {str(exc)[:200]} |", flush=True)
-        engines = None
-        gc.collect()
+            print(f"| {variant[0]} | failed: {type(exc).__name__}: {str(exc)[:200]} |", flush=True)
     print()
 
 
-def tiny_case() -> tuple[Case, object]:
+def tiny_case() -> Case:
     from transformers import CLIPTokenizer
 
     from impasto.models import default_model_path
@@ -257,7 +277,7 @@ def tiny_case() -> tuple[Case, object]:
     prompts = ("a red circle", "a blue square", "a green triangle", "a red square")
     e2e = ImageRequest(tokenize(prompts[0]), tokenize(""), size, size, 20, vae_scale=scale)
     scaling = load_model(model_dir).vae_decoder.module.config.scaling_factor
-    return Case(model_dir, e2e, 2, e2e, 5, scaling, prompts), tokenize
+    return Case(model_dir, e2e, 2, e2e, 5, scaling, tuple((p, tokenize(p)) for p in prompts))
 
 
 def build_sd15_random(folder: Path) -> Path:
@@ -284,7 +304,7 @@ def build_sd15_random(folder: Path) -> Path:
     return folder
 
 
-def real_case(work: Path, steps: int) -> tuple[Case, object]:
+def real_case(work: Path, steps: int) -> Case:
     model_dir = build_sd15_random(work / "sd15-random")
     generator = torch.Generator().manual_seed(0)
 
@@ -297,19 +317,47 @@ def real_case(work: Path, steps: int) -> tuple[Case, object]:
 
     e2e = ImageRequest(tokenize("prompt"), tokenize(""), 256, 256, steps)
     unet_request = ImageRequest(e2e.input_ids, e2e.uncond_ids, 512, 512, 1)
-    return Case(model_dir, e2e, 1, unet_request, 2, 0.18215), tokenize
+    return Case(model_dir, e2e, 1, unet_request, 2, 0.18215)
+
+
+def interleaved_unet_steps(case: Case, work: Path, rounds: int) -> None:
+    """Guided UNet steps at the e2e size, torch fp32 / torch bf16 autocast / OpenVINO bf16 taken
+    in turn, `rounds` times: on a CPU shared with other work, alternating is what makes the
+    ratios comparable (each engine sees the same load). OpenVINO gets a one-profile folder
+    (256x256, batch 2) so that torch and it fit in memory together."""
+    from impasto.backends.base import Component
+
+    reference = load_model(case.model_dir)
+    embeddings = reference.text_encoder.run({"input_ids": torch.cat([case.e2e.uncond_ids, case.e2e.input_ids])})["last_hidden_state"]
+    contenders = {"torch eager fp32": reference, "torch bf16 autocast": AutocastBF16(reference)}
+    components = (Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER)
+    folder, _ = build(case, "openvino", "bf16", [Profile(case.e2e.width, case.e2e.height, 2, 2)], work, components)
+    contenders["openvino bf16"] = load_engine_folder(folder, case.model_dir)
+    times = {label: [] for label in contenders}
+    for _ in range(rounds):
+        for label, engines in contenders.items():
+            times[label].append(time_unet(engines, case.e2e, case.model_dir, 1, embeddings))
+    print(f"## interleaved guided UNet steps at {case.e2e.width}x{case.e2e.height} ({rounds} rounds, median)")
+    print("| engine | unet step | x vs torch fp32 | all rounds |")
+    print("|---|---|---|---|")
+    base = statistics.median(times["torch eager fp32"])
+    for label, values in times.items():
+        median = statistics.median(values)
+        print(f"| {label} | {median * 1000:.0f} ms | {base / median:.2f} | {', '.join(f'{v:.2f}' for v in values)} s |")
+    print(flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("tiny", "real", "all"), default="all")
+    parser.add_argument("--part", choices=("tiny", "real", "interleaved", "all"), default="all")
     parser.add_argument("--work", type=Path, default=Path("/tmp/impasto-bench"), help="model and engine folders (reused across runs)")
     parser.add_argument("--steps", type=int, default=20, help="real-size end-to-end steps")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the interleaved real-size UNet comparison")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     header()
     if args.part in ("tiny", "all"):
-        case, tokenize = tiny_case()
+        case = tiny_case()
         size = case.e2e.width
         one, two = Profile(size, size, 1, 1), Profile(size, size, 2, 2)
         variants = [
@@ -320,9 +368,9 @@ def main() -> int:
             ("openvino bf16", "openvino", "bf16", [one, two], {}, ""),
             ("openvino int8 weights (bf16)", "openvino", "int8", [one, two], {}, "refit: uncompressed weights only"),
         ]
-        run_case(f"default model (models/default), {size}x{size}, 20 steps, batch 1 + guidance", case, variants, args.work, tokenize)
+        run_case(f"default model (models/default), {size}x{size}, 20 steps, batch 1 + guidance", case, variants, args.work)
     if args.part in ("real", "all"):
-        case, tokenize = real_case(args.work, args.steps)
+        case = real_case(args.work, args.steps)
         profiles = [Profile(256, 256, 1, 1), Profile(256, 256, 2, 2), Profile(512, 512, 2, 2)]
         from impasto.backends.base import Component
 
@@ -336,7 +384,9 @@ def main() -> int:
             ("openvino bf16 (recompile refit)", "openvino", "bf16", profiles, {"refit_mode": "recompile"}, ""),
         ]
         run_case(f"SD 1.5 architecture, random weights: e2e 256x256 {args.steps} steps; unet step 512x512", case, variants,
-                 args.work, tokenize, components)
+                 args.work, components)
+    if args.part in ("interleaved", "all"):
+        interleaved_unet_steps(real_case(args.work, args.steps), args.work, args.rounds)
     return 0
 
 
