@@ -54,6 +54,9 @@ def load_routed_engines(
                 except (ManifestMismatch, BackendUnavailable) as exc:
                     report.refused.append((folder, str(exc)))
                     log.warning("refused engine folder: %s", exc)
+                except Exception as exc:  # e.g. a runtime that cannot open the graph: refuse the folder, keep serving
+                    report.refused.append((folder, f"{type(exc).__name__}: {exc}"))
+                    log.exception("could not load engine folder %s; refused", folder)
 
     def route(component: Component, pick) -> RoutedEngine:
         candidates = [e for e in (pick(m) for m in compiled) if e is not None]
