@@ -71,7 +71,7 @@ SYSTEM_NAMES = {"a": "(a) impasto, batch 8", "b": "(b) impasto, batch 1", "c": "
 
 
 # --- the impasto servers ----------------------------------------------------------------------
-def compile_openvino(engines_dir: Path) -> None:
+def compile_openvino(engines_dir: Path, precision: str = "fp32") -> None:
     """OpenVINO engines of the default model for the workload's two sizes, batches up to 16
     UNet rows (8 images with CFG). Reused when already built."""
     from impasto.backends.manifest import Profile
@@ -79,7 +79,8 @@ def compile_openvino(engines_dir: Path) -> None:
     from impasto.models import default_model_path
 
     profiles = (Profile(64, 64, 1, 16), Profile(128, 128, 1, 16))
-    result = compile_model(BuildRequest(default_model_path(), "openvino", engines_dir, profiles=profiles), log=lambda *a: None)
+    request = BuildRequest(default_model_path(), "openvino", engines_dir, precision=precision, profiles=profiles)
+    result = compile_model(request, log=lambda *a: None)
     progress(f"openvino engines: {result.folder} ({'reused' if result.reused else f'built in {result.seconds:.0f} s'})")
 
 
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write every summary here")
     parser.add_argument("--openvino", action="store_true", help="(a) and (b) run on OpenVINO engines compiled for the workload's sizes")
     parser.add_argument("--engines-dir", type=Path, default=Path("/tmp/impasto-bench-engines"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="OpenVINO engine precision with --openvino")
     args = parser.parse_args()
 
     import torch
@@ -244,9 +246,9 @@ def main() -> None:
     began = time.perf_counter()
     engines_dir = None
     if args.openvino:
-        compile_openvino(args.engines_dir)
-        engines_dir = args.engines_dir
-        SYSTEM_NAMES.update(a="(a) impasto+OpenVINO, batch 8", b="(b) impasto+OpenVINO, batch 1")
+        engines_dir = args.engines_dir / args.precision  # one precision per folder: the server loads all it finds
+        compile_openvino(engines_dir, args.precision)
+        SYSTEM_NAMES.update(a=f"(a) impasto+OpenVINO {args.precision}, batch 8", b=f"(b) impasto+OpenVINO {args.precision}, batch 1")
     servers = {"a": start_server(8, args.threads, engines_dir), "b": start_server(1, args.threads, engines_dir)}
     targets = {name: target for name, (_, target) in servers.items()}
     try:
