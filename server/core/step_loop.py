@@ -53,7 +53,6 @@ class StepStats:
     batched_images: int = 0
     mixed_step_batches: int = 0  # calls that joined requests at different step indices
     adapter_switches: int = 0  # refits of an engine to another adapter set
-    ema_step_seconds: float = 0.0
 
 
 class StepLoop:
@@ -282,7 +281,6 @@ class StepLoop:
         s.mixed_step_batches += len({st.step_index for st in batch}) > 1
         self.metrics.batch_size.observe(images)
         self.metrics.unet_step_seconds.observe(seconds)
-        s.ema_step_seconds = seconds if s.ema_step_seconds == 0 else 0.8 * s.ema_step_seconds + 0.2 * seconds
 
     def _emit_progress(self, batch: list[RequestState]) -> None:
         for state in batch:

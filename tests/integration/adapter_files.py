@@ -9,16 +9,14 @@ corrupt a file on purpose).
 
 from __future__ import annotations
 
-import io
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image as PILImage
 
 warnings.filterwarnings("ignore")
 
+from image_checks import pixels, psnr  # noqa: F401  (re-exported for the adapter tests)
 from impasto.models import default_model_path  # noqa: E402
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
@@ -73,12 +71,3 @@ def write_kohya(path: Path, seed: int, *, text_encoder: bool = False, **kw) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(sd).items()}, str(path))
     return path
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)

@@ -7,7 +7,6 @@ import os
 import threading
 import time
 
-import grpc
 import pytest
 
 from impasto_client import DeadlineExceededError, Image, ImpastoClient, Progress

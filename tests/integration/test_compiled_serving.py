@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from image_checks import psnr
 from impasto.backends.availability import backend_status
 from impasto.compiler.build import BuildRequest, compile_model
 from impasto.models import default_model_path
@@ -40,9 +41,6 @@ def image_of(client, **options) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(event.data)).convert("RGB"))
 
 
-def psnr(a, b) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_compiled_engines_serve_the_torch_image(server, engines_dir):

@@ -3,13 +3,12 @@ others at other steps, with other samplers, step counts and guidance scales."""
 
 from __future__ import annotations
 
-import io
 import threading
 import urllib.request
 
 import numpy as np
-from PIL import Image as PILImage
 
+from image_checks import pixels, psnr
 from impasto_client import Image, ImpastoClient, Progress
 
 from conftest import running_server
@@ -23,15 +22,6 @@ MIX = [
     ("unipc", 6, 7.5, 128),
     ("euler", 10, 7.5, 64),
 ]
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def generate(client, i, sampler, steps, guidance, size, started: threading.Event | None = None):

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from image_checks import pixels, psnr
 from impasto.core.image_encoding import read_infotext
 from impasto.core.infotext import parse_infotext
 from impasto_client import Done, Image, Progress, Queued, Started
 
 PROMPT = "a red circle on a white background"
-
-
-def pixels(image: Image) -> np.ndarray:
-    return np.asarray(PILImage.open(io.BytesIO(image.data)).convert("RGB"))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def run(client, **options):
@@ -59,7 +50,7 @@ def test_batch_of_images_uses_seed_plus_index(client):
     # Image 2 of the batch is the image a single request with seed 102 makes (up to the
     # float rounding of a larger UNet batch).
     single = next(e for e in run(client, seed=102, num_steps=4) if isinstance(e, Image))
-    assert psnr(pixels(batch[2]), pixels(single)) >= 45
+    assert psnr(pixels(batch[2].data), pixels(single.data)) >= 45
     assert parse_infotext(batch[2].infotext)["Seed"] == "102"
 
 

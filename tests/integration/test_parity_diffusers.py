@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from image_checks import psnr
 from impasto.core.samplers import SAMPLERS, make_noise_scheduler
 from impasto.models import default_model_path
 from impasto_client import Image
@@ -23,9 +24,6 @@ PROMPT = "a red circle on a white background"
 NEGATIVE = "a blue square"
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module")
