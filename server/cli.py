@@ -26,6 +26,8 @@ def _serve(args) -> int:
         engines_dir=args.engines_dir,
         admission_wait_ms=args.admission_wait_ms,
         max_running_images=args.max_running_images,
+        fast_lane_max_steps=args.fast_lane_max_steps,
+        fast_lane_max_stretch=args.fast_lane_max_stretch,
         intra_op_threads=args.threads,
         adapters_dir=args.adapters_dir,
     )
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters-dir", type=Path, help="where uploaded LoRA adapters are stored (default: <data dir>/adapters)")
     serve.add_argument("--max-batch-size", type=int, help="images per UNet call; 1 turns batching off")
     serve.add_argument("--max-running-images", type=int, help="images admitted at once (default 4 batches)")
+    serve.add_argument("--fast-lane-max-steps", type=int, help="requests of at most this many steps get a fast lane (default 8; 0: off)")
+    serve.add_argument("--fast-lane-max-stretch", type=float, help="long requests join a short one's batch while its step takes at most this many times as long (default 1.5)")
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: one per core)")
     serve.add_argument("--admission-wait-ms", type=float, help="wait this long for more requests before a batch starts from idle")
     serve.add_argument("--backend", help="backend preference order, e.g. openvino,onnxruntime,torch (torch is the fallback)")

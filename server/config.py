@@ -58,6 +58,12 @@ class SchedulerConfig:
     # Images admitted to the running set at once (0: 4 batches' worth). Admitting past one batch
     # lets a short request start while long ones run, instead of waiting at the door.
     max_running_images: int = 0
+    # Fast lane: a request of at most this many (denoiser) steps is short. When a short request is
+    # the most urgent, long ones join its batch only while the estimated step time stays within
+    # fast_lane_max_stretch times that of the short ones alone, so a short request does not pay
+    # for full-batch steps (some throughput lost under mixed load). 0 turns the lane off.
+    fast_lane_max_steps: int = 8
+    fast_lane_max_stretch: float = 1.5
     # torch intra-op threads for the engines (0: torch's default, one per core). On a machine
     # shared with other work, fewer threads avoid oversubscription collapse.
     intra_op_threads: int = 0
@@ -71,6 +77,10 @@ class SchedulerConfig:
             raise ValueError("scheduler.max_running_images and scheduler.intra_op_threads must be >= 0")
         if self.priority_aging_s <= 0:
             raise ValueError(f"scheduler.priority_aging_s must be > 0, got {self.priority_aging_s}")
+        if self.fast_lane_max_steps < 0:
+            raise ValueError(f"scheduler.fast_lane_max_steps must be >= 0, got {self.fast_lane_max_steps}")
+        if not self.fast_lane_max_stretch >= 1:
+            raise ValueError(f"scheduler.fast_lane_max_stretch must be >= 1, got {self.fast_lane_max_stretch}")
 
 
 @dataclass(frozen=True)

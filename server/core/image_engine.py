@@ -70,6 +70,8 @@ class ImageEngine:
             admission_wait_s=config.scheduler.admission_wait_ms / 1000.0,
             priority_aging_s=config.scheduler.priority_aging_s,
             max_running_images=config.scheduler.max_running_images or None,
+            fast_lane_max_steps=config.scheduler.fast_lane_max_steps,
+            fast_lane_max_stretch=config.scheduler.fast_lane_max_stretch,
             metrics=self.metrics,
             adapter_cache_bytes=config.limits.adapter_cache_bytes,
         )
@@ -260,6 +262,8 @@ class ImageEngine:
             "backends": all_backend_status(),
             "limits": self.config.limits,
             "max_batch_size": self.config.scheduler.max_batch_size,
+            "fast_lane_max_steps": self.config.scheduler.fast_lane_max_steps,
+            "fast_lane_max_stretch": self.config.scheduler.fast_lane_max_stretch,
             "default_model": self.registry.default_name,
             # Every engine behind each router: compiled ones in preference order, then torch.
             "engines": [

@@ -63,11 +63,19 @@ class StepLoop:
         admission_wait_s: float = 0.0,
         priority_aging_s: float = 30.0,
         max_running_images: int | None = None,
+        fast_lane_max_steps: int = 8,
+        fast_lane_max_stretch: float = 1.5,
         metrics: Metrics | None = None,
         embedding_cache_entries: int = 1024,
         adapter_cache_bytes: int = 2 * 1024**3,
     ):
-        self.scheduler = RequestScheduler(max_batch_size, priority_aging_s=priority_aging_s, max_running_images=max_running_images)
+        self.scheduler = RequestScheduler(
+            max_batch_size,
+            priority_aging_s=priority_aging_s,
+            max_running_images=max_running_images,
+            fast_lane_max_steps=fast_lane_max_steps,
+            fast_lane_max_stretch=fast_lane_max_stretch,
+        )
         self.admission_wait_s = admission_wait_s
         self.metrics = metrics or Metrics()
         self.embeddings = EmbeddingCache(embedding_cache_entries)

@@ -163,3 +163,132 @@ def test_running_batch_work_is_not_starved_by_another_batch_key():
         picked += out.batch
         s.update(out.batch, float(t))
     assert "batch" in picked and "inter" in picked
+
+
+# --- fast lane ------------------------------------------------------------------------------
+def measure(s: RequestScheduler, key, images, seconds, now=0.0):
+    """Run one 1-step request of this size alone, as if the step took `seconds`."""
+    rid = f"measure-{key}-{images}-{seconds}-{now}"
+    s.add(req(rid, key=key, images=images, steps=1, arrival=now))
+    out = s.schedule(now)
+    assert out.batch == [rid]
+    s.update(out.batch, now, step_seconds=seconds)
+
+
+def short_and_long(s: RequestScheduler, num_short=2, num_long=6):
+    for i in range(num_long):
+        s.add(req(f"long{i}", steps=30, arrival=0.5))
+    for i in range(num_short):
+        s.add(req(f"short{i}", steps=4, arrival=1.0))
+
+
+def test_fast_lane_lets_long_requests_join_only_within_the_stretch():
+    # step time 0.8 + 0.2 * images: 2 short images take 1.2; a stretch of 1.6 allows 1.92,
+    # so 3 long images join (1.8) and a fourth (2.0) does not.
+    s = RequestScheduler(max_batch_size=8, fast_lane_max_stretch=1.6)
+    measure(s, "k", 1, 1.0)
+    measure(s, "k", 8, 2.4)
+    assert s.estimated_step_seconds("k", 2) == pytest.approx(1.2)
+    assert s.estimated_step_seconds("k", 8) == 2.4  # measured: the EMA itself
+    short_and_long(s)
+    batch = s.schedule(1.0).batch
+    assert batch[:2] == ["short0", "short1"]
+    assert len(batch) == 5 and all(r.startswith("long") for r in batch[2:])
+
+
+def test_fast_lane_adds_no_long_request_while_the_cost_is_unknown():
+    s = RequestScheduler(max_batch_size=8)
+    short_and_long(s)
+    assert s.schedule(1.0).batch == ["short0", "short1"]
+    # one measured size is not enough: a single point says nothing of the fixed cost
+    s = RequestScheduler(max_batch_size=8)
+    measure(s, "k", 8, 2.4)
+    assert s.estimated_step_seconds("k", 2) is None
+    short_and_long(s)
+    assert s.schedule(1.0).batch == ["short0", "short1"]
+
+
+def test_flat_step_cost_lets_long_requests_fill_a_short_batch():
+    s = RequestScheduler(max_batch_size=8)
+    measure(s, "k", 1, 1.0)
+    measure(s, "k", 4, 1.0)
+    short_and_long(s)
+    assert len(s.schedule(1.0).batch) == 8
+
+
+def test_short_requests_batch_together_up_to_the_batch_size():
+    s = RequestScheduler(max_batch_size=4)
+    short_and_long(s, num_short=6)
+    batch = s.schedule(1.0).batch
+    assert len(batch) == 4 and all(r.startswith("short") for r in batch)
+
+
+def test_fast_lane_off_fills_the_batch_as_before():
+    s = RequestScheduler(max_batch_size=8, fast_lane_max_steps=0)
+    short_and_long(s)
+    batch = s.schedule(1.0).batch
+    assert batch[:2] == ["short0", "short1"] and len(batch) == 8
+
+
+def test_a_long_head_fills_its_batch_with_short_and_long_requests():
+    s = RequestScheduler(max_batch_size=8)
+    short_and_long(s, num_short=2, num_long=6)
+    out = s.schedule(1.0)
+    assert out.batch == ["short0", "short1"]
+    s.update(out.batch, 79.0)  # a slow step: the long ones have waited ~80 s, credit 40 > 30 steps
+    batch = s.schedule(80.0).batch
+    assert batch[0].startswith("long") and len(batch) == 8 and {"short0", "short1"} <= set(batch)
+
+
+def test_fast_lane_does_not_starve_long_requests_of_the_same_key():
+    # A 4-step request arrives every 4 steps, so a short one is always running; a long step
+    # costs 0.1 + 1.0 * images, too much for the stretch, so the long request never rides
+    # along: it runs only as the head, which WAIT_CREDIT makes it, and then fills the batch.
+    s = RequestScheduler(max_batch_size=4, max_running_images=100)
+    s.add(req("long", steps=10, arrival=0.0))
+    finished_at: dict[str, int] = {}
+    batches = []
+    for t in range(1, 400):
+        if t % 4 == 1 and t < 300:
+            s.add(req(f"short{t}", steps=4, arrival=float(t)))
+        out = s.schedule(float(t))
+        if not out.batch:
+            break
+        batches.append(out.batch)
+        images = len(out.batch)
+        for done in s.update(out.batch, float(t), step_seconds=0.1 + 1.0 * images):
+            finished_at[done] = t
+    assert finished_at["long"] < 300  # while short requests still arrive
+    with_long = [b for b in batches if "long" in b]
+    assert len(with_long) == 10 and all(b[0] == "long" and len(b) == 2 for b in with_long)
+    shorts = {k: v for k, v in finished_at.items() if k.startswith("short")}
+    assert shorts and all(v - int(k[5:]) + 1 <= 5 for k, v in shorts.items()), shorts
+
+
+def test_fast_lane_settings_are_validated_by_name():
+    from impasto.config import SchedulerConfig, load_config
+
+    with pytest.raises(ValueError, match="fast_lane_max_steps"):
+        RequestScheduler(2, fast_lane_max_steps=-1)
+    with pytest.raises(ValueError, match="fast_lane_max_stretch"):
+        RequestScheduler(2, fast_lane_max_stretch=0.9)
+    with pytest.raises(ValueError, match="scheduler.fast_lane_max_steps"):
+        SchedulerConfig(fast_lane_max_steps=-1).validate()
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ValueError, match="scheduler.fast_lane_max_stretch"):
+            SchedulerConfig(fast_lane_max_stretch=bad).validate()
+    assert (SchedulerConfig().fast_lane_max_steps, SchedulerConfig().fast_lane_max_stretch) == (8, 1.5)
+    config = load_config(None, fast_lane_max_steps=0, fast_lane_max_stretch=2.0)
+    assert (config.scheduler.fast_lane_max_steps, config.scheduler.fast_lane_max_stretch) == (0, 2.0)
+
+
+def test_fast_lane_settings_come_from_toml_and_flags(tmp_path):
+    from impasto.cli import build_parser
+    from impasto.config import load_config
+
+    path = tmp_path / "impasto.toml"
+    path.write_text("[scheduler]\nfast_lane_max_steps = 6\nfast_lane_max_stretch = 1.25\n")
+    config = load_config(path)
+    assert (config.scheduler.fast_lane_max_steps, config.scheduler.fast_lane_max_stretch) == (6, 1.25)
+    args = build_parser().parse_args(["serve", "--fast-lane-max-steps", "0", "--fast-lane-max-stretch", "2"])
+    assert (args.fast_lane_max_steps, args.fast_lane_max_stretch) == (0, 2.0)
