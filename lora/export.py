@@ -10,6 +10,13 @@ SDXL files from kohya use SGM block names instead; we do not write those (tested
 own kohya reader loads our files with the right scales). Embeddings are bundled the A1111 way (`bundle_emb.<token>.string_to_param.*`,
 or `.clip_l` / `.clip_g` for a two-encoder adapter).
 
+An adapter of embeddings alone (textual inversion) has no LoRA to bundle them with. With one
+token it is written as the embedding file A1111 and kohya-ss read and write: `{"emb_params":
+[n, dim]}`, or `{"clip_l", "clip_g"}` for two text encoders. Such a file does not hold its token:
+A1111 uses the file's name, so name the file after the token (`formats/embedding.py` reads it
+back with the name it is given). With several tokens it is the bundle form above without LoRA
+keys, which A1111 loads as a LoRA file that only brings embeddings.
+
 diffusers: the current PEFT-style file (`unet.<path>.lora_A.weight`, ...) with each component's
 LoraConfig in `lora_adapter_metadata`, as `save_lora_weights` writes it; loadable by
 `load_lora_weights` / `load_lora_adapter`. Text-encoder module paths in the config are written
@@ -53,8 +60,29 @@ def _peft_keys(adapter: CanonicalAdapter) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fits_embedding_file(adapter: CanonicalAdapter) -> bool:
+    return (
+        not adapter.modules
+        and len(adapter.embeddings) == 1
+        and set(next(iter(adapter.embeddings.values()))) in ({"text_encoder"}, set(_BUNDLE_KEY_TWO_ENCODERS))
+    )
+
+
+def embedding_file_state_dict(adapter: CanonicalAdapter) -> dict[str, torch.Tensor]:
+    """A1111 / kohya-ss's textual-inversion file of a one-token adapter (see the docstring)."""
+    if not _fits_embedding_file(adapter):
+        raise AdapterFormatError("an embedding file holds one token (for the first, or both, text encoders) and no LoRA modules")
+    (per,) = adapter.embeddings.values()
+    if set(per) == {"text_encoder"}:
+        return {"emb_params": per["text_encoder"]}
+    return {_BUNDLE_KEY_TWO_ENCODERS[c]: v for c, v in per.items()}
+
+
 def kohya_state_dict(adapter: CanonicalAdapter) -> dict[str, torch.Tensor]:
-    sd = convert_state_dict_to_kohya(_peft_keys(adapter))
+    if _fits_embedding_file(adapter):
+        return embedding_file_state_dict(adapter)
+    # diffusers' converter refuses an empty LoRA state dict: embeddings alone are only bundled.
+    sd = convert_state_dict_to_kohya(_peft_keys(adapter)) if adapter.modules else {}
     two_encoders = "text_encoder_2" in adapter.components
     if not two_encoders:
         sd = {("lora_te_" + k[len("lora_te1_"):] if k.startswith("lora_te1_") else k): v for k, v in sd.items()}
@@ -175,6 +203,7 @@ def export_peft_folder(
 
 __all__ = [
     "diffusers_state_dict",
+    "embedding_file_state_dict",
     "export_diffusers",
     "export_kohya",
     "export_peft_folder",

@@ -35,6 +35,7 @@ def load_adapter(
     unet_config=None,
     module_trees=None,
     component: str | None = None,
+    token_name: str | None = None,
 ) -> CanonicalAdapter:
     """Read an adapter file (or PEFT / diffusers folder), detect its format, parse it.
 
@@ -42,7 +43,9 @@ def load_adapter(
     refused with a reason. Context some formats need:
     `unet_config` (has `layers_per_block`) for kohya SDXL's SGM block names (default 2, with a
     warning); `module_trees` ({"unet": module_tree(unet), ...}) for cloneofsimo files;
-    `component` for a PEFT folder (default: guessed from its module names).
+    `component` for a PEFT folder (default: guessed from its module names);
+    `token_name` for an A1111/kohya embedding file, which does not hold its token (default: the
+    file's stem, A1111's rule).
     """
     path = Path(path)
     config = None
@@ -63,6 +66,7 @@ def load_adapter(
         module_trees=module_trees,
         component=component,
         config=config,
+        token_name=token_name or weights.stem,
         where=str(path),
     )
     adapter.file_sha256 = addnet_hash(weights)

@@ -127,10 +127,15 @@ def match_targets(
             if component not in components:
                 report.unmatched_embedding_components.append(f"{token} -> {component}")
                 continue
+            # A vector stands in for a row of the token table, so its width is the encoder's
+            # hidden size; a table we cannot find is an error, not a check skipped.
             table = resolver.resolve(f"{component}.text_model.embeddings.token_embedding")
-            if table is not None and named_weight_shapes[table][-1] != vectors.shape[-1]:
+            if table is None:
+                report.mismatched.append(f"embedding {token!r}: the base model's {component} has no token table to check it against")
+            elif named_weight_shapes[table][-1] != vectors.shape[-1]:
                 report.mismatched.append(
-                    f"embedding {token} for {component}: width {vectors.shape[-1]} vs the token table's {named_weight_shapes[table][-1]}"
+                    f"embedding {token!r} has vectors of width {vectors.shape[-1]}, but the base model's {component} "
+                    f"hidden size is {named_weight_shapes[table][-1]} (made for another model family)"
                 )
     if report.unmatched and allow_unmatched:
         report.warnings.append(f"{len(report.unmatched)} adapter targets not in the base model were skipped: {list_keys(report.unmatched)}")

@@ -51,7 +51,8 @@ DEFAULT_LAYERS_PER_BLOCK = 2
 
 
 def detect(state_dict, metadata) -> bool:
-    return any(k.startswith(tuple(PREFIXES)) for k in state_dict)
+    # A file of bundled embeddings alone is A1111's form of a textual inversion in a LoRA file.
+    return any(k.startswith(tuple(PREFIXES)) for k in state_dict) or (bool(state_dict) and all(k.startswith(_BUNDLE) for k in state_dict))
 
 
 def _component_of(lora_name: str) -> str | None:

@@ -163,4 +163,4 @@ def test_embedding_width_is_checked(tmp_path):
     path, _ = b.write_cloneofsimo(tmp_path / "c.safetensors", token_vec=torch.randn(48))
     a = load_adapter(path, module_trees={"unet": module_tree(b.unet), "text_encoder": module_tree(b.te)})
     report = match_targets(a, b.named_weight_shapes())
-    assert not report.ok and "embedding <s1> for text_encoder: width 48 vs the token table's 32" in report.errors[0]
+    assert not report.ok and "embedding '<s1>' has vectors of width 48, but the base model's text_encoder hidden size is 32" in report.errors[0]

@@ -222,3 +222,53 @@ def test_pattern_key_agrees_with_peft():
         theirs = get_pattern_key(patterns, path)
         ours = pattern_key(patterns, path)
         assert (ours or path) == theirs, path
+
+
+# --- standalone textual-inversion files -----------------------------------------------------------
+
+
+def test_embedding_files_a1111_diffusers_and_sdxl(tmp_path):
+    """The three layouts of a standalone embedding: kohya-ss/A1111 `emb_params` (named after the
+    file, as A1111 names it), diffusers' `{token: vectors}` (the key is the token), SDXL
+    `clip_l` + `clip_g` (one row set per text encoder)."""
+    vectors = torch.randn(3, 32)
+    save_file({"emb_params": vectors}, str(tmp_path / "shiny-thing.safetensors"))
+    a1111 = load_adapter(tmp_path / "shiny-thing.safetensors")
+    assert a1111.source_format == "embedding" and not a1111.modules and a1111.components == ["text_encoder"]
+    assert torch.equal(a1111.embeddings["shiny-thing"]["text_encoder"], vectors)
+    assert set(load_adapter(tmp_path / "shiny-thing.safetensors", token_name="other").embeddings) == {"other"}
+
+    save_file({"<cat-toy>": vectors[0].clone()}, str(tmp_path / "learned_embeds.safetensors"))  # one vector, 1-D
+    diffusers_file = load_adapter(tmp_path / "learned_embeds.safetensors")
+    assert diffusers_file.embeddings["<cat-toy>"]["text_encoder"].shape == (1, 32)
+
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, str(tmp_path / "xl.safetensors"))
+    xl = load_adapter(tmp_path / "xl.safetensors")
+    assert {c: tuple(v.shape) for c, v in xl.embeddings["xl"].items()} == {"text_encoder": (2, 768), "text_encoder_2": (2, 1280)}
+
+
+def test_embedding_files_that_are_not_one_token_are_refused(tmp_path):
+    with pytest.raises(AdapterFormatError, match="only clip_l"):
+        parse_state_dict({"clip_l": torch.randn(2, 768)}, token_name="t")
+    with pytest.raises(AdapterFormatError, match="different numbers of vectors"):
+        parse_state_dict({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(3, 1280)}, token_name="t")
+    with pytest.raises(AdapterFormatError, match="pass token_name"):
+        parse_state_dict({"emb_params": torch.randn(2, 768)})
+    with pytest.raises(AdapterFormatError, match="not a LoRA or embedding format"):
+        detect_format({"<a>": torch.randn(768), "<b>": torch.randn(768)})  # A1111 and diffusers read one per file
+
+
+def test_embeddings_alone_export_as_a1111_embedding_files_and_round_trip(tmp_path):
+    from impasto.lora import CanonicalAdapter, export_kohya
+
+    one = CanonicalAdapter(modules={}, embeddings={"<s1>": {"text_encoder": torch.randn(2, 32)}})
+    path = export_kohya(one, tmp_path / "<s1>.safetensors")
+    assert set(load_file(str(path))) == {"emb_params"}  # what kohya-ss writes and A1111 reads
+    assert load_adapter(path).content_hash == one.content_hash  # named after the file, as A1111 does
+    xl = CanonicalAdapter(modules={}, embeddings={"t": {"text_encoder": torch.randn(1, 8), "text_encoder_2": torch.randn(1, 16)}})
+    assert set(load_file(str(export_kohya(xl, tmp_path / "t.safetensors")))) == {"clip_l", "clip_g"}
+    assert load_adapter(tmp_path / "t.safetensors").content_hash == xl.content_hash
+    two = CanonicalAdapter(modules={}, embeddings={"<a>": {"text_encoder": torch.randn(1, 32)}, "<b>": {"text_encoder": torch.randn(3, 32)}})
+    path = export_kohya(two, tmp_path / "two.safetensors")
+    assert all(k.startswith("bundle_emb.") for k in load_file(str(path)))  # A1111's bundle, without LoRA keys
+    assert detect_format(load_file(str(path))) == "kohya" and load_adapter(path).content_hash == two.content_hash
