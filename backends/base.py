@@ -28,6 +28,11 @@ class Component(str, Enum):
 
 # Input/output names per component. The compiler exports with exactly these names.
 TEXT_ENCODER_INPUTS = ("input_ids",)
+# Optional text-encoder inputs that only the torch engine takes (compiled engines are exported
+# with input_ids alone): `token_vectors` (batch, seq, hidden) replace the token-table rows where
+# `token_vector_mask` (batch, seq) is true. Textual-inversion vectors enter the encoder this way;
+# the ids at those positions are placeholders.
+TEXT_ENCODER_VECTOR_INPUTS = ("token_vectors", "token_vector_mask")
 TEXT_ENCODER_OUTPUTS = ("last_hidden_state",)
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 UNET_OUTPUTS = ("noise_pred",)

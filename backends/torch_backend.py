@@ -6,6 +6,7 @@ It runs diffusers' and transformers' own modules eagerly. Refit copies weights i
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -59,9 +60,30 @@ class TorchTextEncoder(_TorchModuleEngine):
         super().__init__(module, Component.TEXT_ENCODER, device, dtype)
 
     def run(self, inputs):
-        with torch.inference_mode():
+        with torch.inference_mode(), self._token_vectors(inputs):
             out = self.module(inputs["input_ids"].to(self.device), output_hidden_states=False)
         return {"last_hidden_state": out[0].float().cpu()}
+
+    @contextlib.contextmanager
+    def _token_vectors(self, inputs):
+        """Replace token-table rows by `token_vectors` where `token_vector_mask` is set, for
+        one call (base.TEXT_ENCODER_VECTOR_INPUTS). A hook on the token table rather than our own
+        copy of the model's forward: the rest of the encoder (positions, causal mask, layers) stays
+        the library's own code, and the values are what a row of the table would have given."""
+        if "token_vectors" not in inputs:
+            yield
+            return
+        vectors = inputs["token_vectors"].to(self.device, self.dtype)
+        mask = inputs["token_vector_mask"].to(self.device).unsqueeze(-1)
+
+        def replace(_module, _args, output):
+            return torch.where(mask, vectors, output)
+
+        handle = self.module.get_input_embeddings().register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 class TorchUNet(_TorchModuleEngine):

@@ -5,7 +5,9 @@ plus its torch engines. The router is itself an `Engine`, so the step loop does 
 which backend ran a call. For each call it takes the first engine whose shape profile
 accepts the call's batch and image size; a static engine whose batch is larger than the
 call is padded, and a call larger than an engine's batch is split. When no compiled engine
-fits, the torch engine runs it and the fallback is counted and logged with the reason.
+fits, the torch engine runs it and the fallback is counted and logged with the reason. A
+text-encoder call that carries textual-inversion vectors (`token_vectors`) always runs on torch
+(reason "embeddings"): compiled encoders are exported with input_ids alone.
 
 Refit is lazy: the router remembers the weights asked for, and brings an engine up to date
 (restore, then refit) only when that engine is next used, so a LoRA switch costs one refit
@@ -35,6 +37,7 @@ class CallShape:
     width: int  # pixels
     height: int
     context_length: int | None = None
+    token_vectors: bool = False  # a text-encoder call with injected vectors (torch only)
 
 
 def _call_shape(component: Component, inputs: Mapping[str, torch.Tensor], vae_scale_factor: int) -> CallShape:
@@ -49,7 +52,7 @@ def _call_shape(component: Component, inputs: Mapping[str, torch.Tensor], vae_sc
         image = inputs["image"]
         return CallShape(image.shape[0], image.shape[-1], image.shape[-2])
     ids = inputs["input_ids"]
-    return CallShape(ids.shape[0], 0, 0)
+    return CallShape(ids.shape[0], 0, 0, token_vectors="token_vectors" in inputs)
 
 
 class RoutedEngine(Engine):
@@ -78,7 +81,8 @@ class RoutedEngine(Engine):
         if self.component == Component.UNET and shape.context_length != COMPILED_CONTEXT_LENGTH:
             return False
         if self.component == Component.TEXT_ENCODER:
-            return True  # one chunk is always 77 tokens; any batch is split or padded in run()
+            # One chunk is always 77 tokens; any batch is split or padded in run().
+            return not shape.token_vectors
         return profile.sizes is None or (shape.width, shape.height) in profile.sizes
 
     def pick(self, shape: CallShape) -> tuple[Engine, str]:
@@ -89,6 +93,8 @@ class RoutedEngine(Engine):
             return self.fallback, ""
         if self.component == Component.UNET and shape.context_length != COMPILED_CONTEXT_LENGTH:
             reason = "context_length"
+        elif shape.token_vectors:
+            reason = "embeddings"
         else:
             reason = "no_profile"
         return self.fallback, reason

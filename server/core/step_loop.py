@@ -210,9 +210,11 @@ class StepLoop:
             encoder = model.engines.text_encoder
             text_set = group[0].adapters.text_encoder_set()
 
-            def run_text_encoder(ids, model=model, encoder=encoder, text_set=text_set):
+            def run_text_encoder(inputs, model=model, encoder=encoder, text_set=text_set):
+                # `inputs` carry textual-inversion vectors when a chunk has them; the router then
+                # runs them on torch (prompt_encoding.encoder_inputs, engine_router).
                 self._apply_adapters(self.adapters_of(model).text_encoder, text_set)
-                return encoder.run({"input_ids": ids})["last_hidden_state"]
+                return encoder.run(inputs)["last_hidden_state"]
 
             hits, misses = self.embeddings.hits, self.embeddings.misses
             try:

@@ -95,3 +95,31 @@ def test_refit_is_lazy_exact_and_never_blends():
     router.refit({"w": torch.tensor(5.0)})
     assert router.run(unet_inputs(1, latent=12))["noise_pred"][0, 0, 0, 0] == 5
     assert torch_engine.refits == 1
+
+
+class RecordingTextEncoder(Engine):
+    def __init__(self, backend: str):
+        self.backend, self.calls = backend, []
+
+    def run(self, inputs):
+        self.calls.append(sorted(inputs))
+        return {"last_hidden_state": torch.zeros(inputs["input_ids"].shape[0], 77, 4)}
+
+    def refit(self, named_weights):
+        pass
+
+    def restore(self):
+        pass
+
+    def info(self):
+        return EngineInfo(Component.TEXT_ENCODER, self.backend, "fp32", "cpu", ShapeProfile())
+
+
+def test_text_encoder_calls_with_injected_vectors_fall_back_with_reason_embeddings():
+    compiled, torch_engine, fallbacks = RecordingTextEncoder("onnxruntime"), RecordingTextEncoder("torch"), []
+    router = RoutedEngine(Component.TEXT_ENCODER, [compiled], torch_engine, vae_scale_factor=8, on_fallback=fallbacks.append)
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    router.run({"input_ids": ids})
+    assert compiled.calls == [["input_ids"]] and not fallbacks
+    router.run({"input_ids": ids, "token_vectors": torch.zeros(2, 77, 4), "token_vector_mask": torch.zeros(2, 77, dtype=torch.bool)})
+    assert torch_engine.calls == [["input_ids", "token_vector_mask", "token_vectors"]] and fallbacks == ["embeddings"]
