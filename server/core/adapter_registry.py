@@ -14,8 +14,13 @@ adapters survive a restart.
 An upload is checked before it is stored: safetensors only (pickles are refused with the
 reason), parsed into the canonical form, and matched against the base model. An unknown or
 unmatched target or a shape mismatch refuses the whole upload, naming the keys; nothing is ever
-partly applied. Adapters with textual-inversion embeddings are refused for now (see
-`_refuse_embeddings`).
+partly applied.
+
+Textual-inversion embeddings are served (prompt_encoding.py): an adapter may be LoRA, LoRA with
+embeddings (pivotal tuning, A1111 bundles, cloneofsimo) or embeddings alone (an A1111/kohya,
+diffusers or SDXL embedding file). Each vector's width must be the text encoder's hidden size,
+and each token must fit one CLIP chunk. An A1111/kohya embedding file does not hold its token:
+it is the adapter's name, as A1111 names an embedding after its file (`formats/embedding.py`).
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from impasto.lora.canonical import split_target
 from impasto.lora.files import write_json
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .prompt_encoding import CHUNK_TEXT_TOKENS
 
 log = logging.getLogger(__name__)
 
 # Names appear in `<lora:name:weight>` tags, so no ':' '<' '>' or spaces.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MIN_ID_PREFIX = 8
-FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo")
+FORMATS = ("kohya", "diffusers", "peft", "cloneofsimo", "embedding")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class AdapterRecord:
     components: tuple[str, ...]
     created: float = 0.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    tokens: tuple[tuple[str, int], ...] = ()  # textual-inversion (token, number of vectors)
 
     @property
     def short_hash(self) -> str:
@@ -68,6 +75,7 @@ class AdapterRecord:
     def to_json(self) -> dict:
         d = asdict(self)
         d["ranks"], d["components"], d["warnings"] = list(self.ranks), list(self.components), list(self.warnings)
+        d["tokens"] = [list(t) for t in self.tokens]
         return d
 
     @classmethod
@@ -75,16 +83,30 @@ class AdapterRecord:
         d = dict(d)
         for key in ("ranks", "components", "warnings"):
             d[key] = tuple(d.get(key, ()))
+        d["tokens"] = tuple((str(t), int(n)) for t, n in d.get("tokens", ()))
         return cls(**d)
 
 
-def _refuse_embeddings(adapter: CanonicalAdapter) -> None:
-    # Textual-inversion tokens need new rows in the token table (or reserved ones) and a
-    # tokenizer that knows them, without changing what other requests' tokens mean. Not done
-    # yet; refusing is better than applying the LoRA half of the file silently.
-    if adapter.embeddings:
-        tokens = ", ".join(sorted(adapter.embeddings))
-        raise InvalidArgument("data", f"the file carries textual-inversion embeddings ({tokens}); embeddings are not served yet: upload the LoRA without them")
+def _check_tokens(adapter: CanonicalAdapter) -> None:
+    """What the prompt tokenizer needs of an adapter's tokens (widths are match_targets' job)."""
+    seen: dict[str, str] = {}
+    for token, per_component in adapter.embeddings.items():
+        if not token.strip() or token != token.strip():
+            raise InvalidArgument("data", f"embedding token {token!r} is empty or starts or ends with a space; it could not be written in a prompt")
+        if token.lower() in seen:
+            # Prompts are matched case-insensitively, as CLIP lowercases them.
+            raise InvalidArgument("data", f"embedding tokens {seen[token.lower()]!r} and {token!r} differ only in case")
+        seen[token.lower()] = token
+        counts = {c: int(v.shape[0]) for c, v in per_component.items()}
+        if len(set(counts.values())) != 1:
+            raise InvalidArgument("data", f"embedding {token!r} has different numbers of vectors per text encoder: {counts}")
+        n = next(iter(counts.values()))
+        if not 1 <= n <= CHUNK_TEXT_TOKENS:
+            raise InvalidArgument("data", f"embedding {token!r} has {n} vectors; a token takes 1 to {CHUNK_TEXT_TOKENS} (one CLIP chunk)")
+
+
+def token_counts(adapter: CanonicalAdapter) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((token, int(next(iter(per.values())).shape[0])) for token, per in adapter.embeddings.items()))
 
 
 class AdapterRegistry:
@@ -165,21 +187,26 @@ class AdapterRegistry:
         with self._lock:
             adapter = self._loaded.get(record.id)
         if adapter is None:
-            adapter = load_adapter(self._file(record.id), format=record.format)
+            # token_name: an A1111/kohya embedding file's token is the adapter's name (see above).
+            adapter = load_adapter(self._file(record.id), format=record.format, token_name=record.name)
             with self._lock:
                 self._loaded[record.id] = adapter
         return adapter
 
     def view(self, record: AdapterRecord, component: str) -> CanonicalAdapter | None:
-        """The adapter's modules of one component (None if it has none), cached: its content
-        hash keys the merged-weights cache."""
+        """The adapter's modules of one component and, for a text encoder, its embeddings for
+        that encoder (None if it has neither), cached: its content hash keys the merged-weights
+        cache."""
         key = (record.id, component)
         with self._lock:
             if key in self._views:
                 return self._views[key]
         adapter = self.load(record)
         modules = {t: m for t, m in adapter.modules.items() if split_target(t)[0] == component}
-        view = CanonicalAdapter(modules=modules, source_format=adapter.source_format, file_sha256=adapter.file_sha256) if modules else None
+        embeddings = {t: {component: per[component]} for t, per in adapter.embeddings.items() if component in per}
+        view = None
+        if modules or embeddings:
+            view = CanonicalAdapter(modules=modules, embeddings=embeddings, source_format=adapter.source_format, file_sha256=adapter.file_sha256)
         with self._lock:
             self._views[key] = view
         return view
@@ -216,12 +243,12 @@ class AdapterRegistry:
     def _add(self, upload, *, name, format, model, named_weight_shapes):
         self.check_name(name, format)
         try:
-            adapter = load_adapter(upload, format=format)
+            adapter = load_adapter(upload, format=format, token_name=name)
         except AdapterFormatError as exc:
             raise InvalidArgument("data", str(exc).replace(str(upload), f"upload '{name}'")) from None
-        _refuse_embeddings(adapter)
-        if not adapter.modules:
-            raise InvalidArgument("data", "the file holds no LoRA modules")
+        if not adapter.modules and not adapter.embeddings:
+            raise InvalidArgument("data", "the file holds no LoRA modules and no embeddings")
+        _check_tokens(adapter)
         report = match_targets(adapter, named_weight_shapes)
         if report.errors:
             raise InvalidArgument("data", f"adapter does not fit model '{model}': " + "; ".join(report.errors))
@@ -239,6 +266,7 @@ class AdapterRegistry:
             components=tuple(adapter.components),
             created=time.time(),
             warnings=tuple(adapter.warnings + report.warnings),
+            tokens=token_counts(adapter),
         )
         with self._lock:
             existing = self._records.get(adapter_id)
@@ -253,7 +281,7 @@ class AdapterRegistry:
             write_json(self._record_file(adapter_id), record.to_json())  # the commit marker, last
             self._records[adapter_id] = record
             self._loaded[adapter_id] = adapter
-        log.info("adapter %s stored as %s (%s, %d targets)", name, adapter_id, record.format, record.num_targets)
+        log.info("adapter %s stored as %s (%s, %d targets, tokens %s)", name, adapter_id, record.format, record.num_targets, [t for t, _ in record.tokens])
         return record, False
 
     def delete(self, ref: str) -> AdapterRecord:

@@ -17,7 +17,10 @@ For one engine (`EngineAdapters`):
   targeted weights), because an engine may restore lazily (the engine router does).
 
 Per request (`RequestAdapters`): the resolved adapters with their weights or weight schedules,
-the per-component sets, the batch key and the infotext hashes.
+the per-component sets, the batch key, the infotext hashes, and the textual-inversion tokens the
+set brings (`prompt_embeddings`). A token applies because its adapter is in the request's set,
+whatever the adapter's weight: the weight scales LoRA deltas only, as in A1111 (bundled
+embeddings ignore the multiplier) and diffusers (`set_adapters` does not touch embeddings).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from impasto.lora.compose import _ordered as ordered_items  # the canonical orde
 
 from .adapter_registry import AdapterRecord
 from .adapter_syntax import WeightSchedule
-from .errors import Unavailable
+from .errors import InvalidArgument, Unavailable
+from .prompt_encoding import PromptEmbedding
 
 AdapterSet = list[tuple[CanonicalAdapter, float]]
 
@@ -186,13 +190,38 @@ class RequestAdapters:
     def unet_set(self, fraction: float) -> AdapterSet:
         return [(a.unet, a.weight_at(fraction)) for a in self.items if a.unet is not None]
 
+    def _text_lora(self) -> list[ActiveAdapter]:
+        # A text-encoder view may hold embeddings alone; only LoRA modules are refitted.
+        return [a for a in self.items if a.text_encoder is not None and a.text_encoder.modules]
+
     def text_encoder_set(self) -> AdapterSet:
         # The text encoder runs once, before the first step: a schedule's weight at 0.
-        return [(a.text_encoder, a.weight_at(0.0)) for a in self.items if a.text_encoder is not None]
+        return [(a.text_encoder, a.weight_at(0.0)) for a in self._text_lora()]
 
     def text_key(self) -> tuple:
-        """What the text embeddings depend on (the embedding cache's adapter key)."""
-        return tuple(sorted((a.record.id, a.weight_at(0.0)) for a in self.items if a.text_encoder is not None and a.weight_at(0.0) != 0.0))
+        """What the text embeddings depend on (the embedding cache's adapter key). Injected
+        vectors are not in it: a chunk names its own (prompt_encoding.InjectedVector)."""
+        return tuple(sorted((a.record.id, a.weight_at(0.0)) for a in self._text_lora() if a.weight_at(0.0) != 0.0))
+
+    def prompt_embeddings(self) -> dict[str, PromptEmbedding]:
+        """{token: its vectors} of every adapter in the set (see the module docstring: the
+        weight does not scale them). Two adapters with one token (case-insensitively, as prompts
+        are matched) are refused: which vectors were meant cannot be known."""
+        found: dict[str, PromptEmbedding] = {}
+        owner: dict[str, ActiveAdapter] = {}
+        for a in self.items:
+            if a.text_encoder is None:
+                continue
+            for token, per_component in a.text_encoder.embeddings.items():
+                other = owner.get(token.lower())
+                if other is not None:
+                    raise InvalidArgument(
+                        "adapters",
+                        f"adapters '{other.alias}' and '{a.alias}' both define the embedding token {token!r}; use one of them per request",
+                    )
+                owner[token.lower()] = a
+                found[token] = PromptEmbedding(token, a.record.id, per_component["text_encoder"])
+        return found
 
     def batch_key(self, request_id: str) -> tuple:
         """Requests share a UNet call only with the same UNet set; a schedule runs alone."""

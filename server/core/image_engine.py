@@ -111,7 +111,8 @@ class ImageEngine:
             text_prompt, adapters = await loop.run_in_executor(self._loader_pool, self._request_adapters, spec, model)
         else:
             text_prompt, adapters = spec.prompt, NO_ADAPTERS
-        chunks, negative_chunks = model.tokenizer.pair(text_prompt, resolved.negative_prompt)
+        # The set's textual-inversion tokens become their vectors in both prompts (prompt_encoding.py).
+        chunks, negative_chunks = model.tokenizer.pair(text_prompt, resolved.negative_prompt, adapters.prompt_embeddings())
 
         with self._waiting_lock:
             if self._waiting >= self.config.limits.max_queue_length:

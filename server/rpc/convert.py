@@ -138,6 +138,7 @@ ADAPTER_FORMATS = {
     adapter_pb.ADAPTER_FORMAT_DIFFUSERS: "diffusers",
     adapter_pb.ADAPTER_FORMAT_PEFT: "peft",
     adapter_pb.ADAPTER_FORMAT_CLONEOFSIMO: "cloneofsimo",
+    adapter_pb.ADAPTER_FORMAT_EMBEDDING: "embedding",
 }
 _ADAPTER_FORMAT_ENUMS = {name: value for value, name in ADAPTER_FORMATS.items()}
 
@@ -164,4 +165,5 @@ def adapter_info(record) -> adapter_pb.AdapterInfo:
         sha256=record.sha256,
         model=record.model,
         components=list(record.components),
+        tokens=[adapter_pb.EmbeddingToken(token=token, num_vectors=n) for token, n in record.tokens],
     )

@@ -99,3 +99,28 @@ def test_adapters_refit_into_compiled_engines(engines_dir, tmp_path):
     assert np.array_equal(with_a, with_a_again)  # A -> B -> A gives A, bit for bit
     assert np.array_equal(base, base_again)  # and removing all adapters gives the base
     assert psnr(with_a, base) < 40  # the adapter did change the image
+
+
+def test_embedding_chunks_run_on_the_torch_text_encoder(engines_dir, tmp_path):
+    """Compiled text encoders take token ids only: a chunk with textual-inversion vectors runs on
+    torch (counted, reason "embeddings") and gives the torch server's image, while plain prompts
+    stay on the compiled engine."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"<cmp-x>": torch.randn(2, 32, generator=torch.Generator().manual_seed(0)) * 0.03}, str(tmp_path / "x.safetensors"))
+    settings = dict(seed=8, num_steps=4, sampler="euler", negative_prompt="a blue square")
+
+    def serve(**config):
+        with running_server(adapters_dir=tmp_path / f"adapters-{len(config)}", **config) as s, ImpastoClient(s.target) as client:
+            client.upload_adapter(tmp_path / "x.safetensors", "cmp-x")
+            model = s.engine.registry.load("")
+            image_of(client, prompt="a red circle on a gray background", **settings)
+            plain_backend = model.engines.text_encoder.last_backend
+            ours = image_of(client, prompt="a <cmp-x> on a white background", adapters=[("cmp-x", 1.0)], **settings)
+            return ours, plain_backend, model.engines.text_encoder.last_backend, s.engine.metrics.torch_fallbacks.labels("embeddings")._value.get()
+
+    reference, _, _, _ = serve()
+    ours, plain_backend, backend, fallbacks = serve(backends=("openvino", "torch"), engines_dir=engines_dir)
+    assert plain_backend == "openvino" and backend == "torch" and fallbacks == 1
+    assert psnr(ours, reference) >= 40

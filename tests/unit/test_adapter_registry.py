@@ -69,16 +69,43 @@ def test_refusals_consume_the_upload(tmp_path):
         registry.check_name("x", "lycoris")
 
 
-def test_embeddings_are_refused_with_the_reason(tmp_path, kohya_file):
+def test_embeddings_are_served_with_their_tokens(tmp_path, kohya_file):
     import torch
     from safetensors.torch import load_file, save_file
 
     # kohya's pivotal-tuning bundle: the LoRA plus a textual-inversion token.
     sd = load_file(str(kohya_file)) | {"bundle_emb.<s1>.string_to_param.*": torch.randn(2, 32)}
     save_file(sd, str(tmp_path / "bundle.safetensors"))
+    save_file({"emb_params": torch.randn(3, 32)}, str(tmp_path / "emb.safetensors"))  # A1111/kohya embedding
+    root = tmp_path / "a"
+    registry = AdapterRegistry(root)
+    pivotal, _ = upload(registry, tmp_path / "bundle.safetensors", "bundle")
+    assert pivotal.has_embeddings and pivotal.tokens == (("<s1>", 2),) and pivotal.num_targets > 0
+    embedding, _ = upload(registry, tmp_path / "emb.safetensors", "shiny")
+    assert embedding.format == "embedding" and embedding.tokens == (("shiny", 3),)  # the name is the token
+    assert embedding.num_targets == 0 and embedding.components == ("text_encoder",)
+    assert registry.view(embedding, "unet") is None
+    view = registry.view(embedding, "text_encoder")
+    assert not view.modules and view.embeddings["shiny"]["text_encoder"].shape == (3, 32)
+    again = AdapterRegistry(root)  # a restart reads the token from the name again
+    assert again.list() == registry.list() and set(again.load(again.resolve("shiny")).embeddings) == {"shiny"}
+
+
+def test_embeddings_that_cannot_be_served_are_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     registry = AdapterRegistry(tmp_path / "a")
-    with pytest.raises(InvalidArgument, match=r"textual-inversion embeddings \(<s1>\); embeddings are not served yet"):
-        upload(registry, tmp_path / "bundle.safetensors", "bundle")
+    save_file({"<wide>": torch.randn(2, 768)}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(InvalidArgument, match=r"data: .*embedding '<wide>' has vectors of width 768, but the base model's text_encoder hidden size is 32"):
+        upload(registry, tmp_path / "wide.safetensors", "wide")
+    save_file({"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 64)}, str(tmp_path / "xl.safetensors"))
+    with pytest.raises(InvalidArgument, match="text encoders the base model lacks: xl -> text_encoder_2"):
+        upload(registry, tmp_path / "xl.safetensors", "xl")
+    save_file({"<long>": torch.randn(76, 32)}, str(tmp_path / "long.safetensors"))
+    with pytest.raises(InvalidArgument, match="76 vectors; a token takes 1 to 75"):
+        upload(registry, tmp_path / "long.safetensors", "long")
+    assert registry.list() == []
 
 
 def test_delete(tmp_path, kohya_file):

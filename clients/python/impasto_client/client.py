@@ -24,6 +24,7 @@ ADAPTER_FORMATS = {
     "diffusers": adapter_pb.ADAPTER_FORMAT_DIFFUSERS,
     "peft": adapter_pb.ADAPTER_FORMAT_PEFT,
     "cloneofsimo": adapter_pb.ADAPTER_FORMAT_CLONEOFSIMO,
+    "embedding": adapter_pb.ADAPTER_FORMAT_EMBEDDING,
 }
 
 
