@@ -1,7 +1,9 @@
 """A trained adapter written in every form a user may want, beside its job.
 
 - `kohya`: one A1111/kohya safetensors file; textual-inversion vectors bundled
-  (`bundle_emb.<token>.string_to_param.*`), so a pivotal-tuning result stays one file;
+  (`bundle_emb.<token>.string_to_param.*`), so a pivotal-tuning result stays one file. A
+  textual inversion alone is A1111's embedding file (`{"emb_params": vectors}`), which holds no
+  token: A1111 names it after the file (`<name>.safetensors`), see impasto.lora.export;
 - `diffusers`: the PEFT-style file `load_lora_weights` reads (LoRA modules only);
 - `embeddings`: `{token: tensor[num_vectors, dim]}`, the file `load_textual_inversion` reads;
 - `peft_unet` / `peft_text_encoder`: a PEFT adapter folder per component, zipped so it travels
@@ -18,21 +20,11 @@ from impasto.lora import CanonicalAdapter, export_diffusers, export_kohya, expor
 from impasto.lora.files import write_safetensors
 
 
-def _export_kohya(adapter: CanonicalAdapter, path: Path, metadata: dict[str, str] | None) -> Path:
-    if adapter.modules:
-        return export_kohya(adapter, path, metadata)
-    # An embeddings-only adapter (textual inversion): impasto.lora's exporter runs diffusers'
-    # kohya converter, which refuses an empty LoRA state dict. The bundle keys are A1111's,
-    # the same ones export_kohya writes (one text encoder).
-    tensors = {f"bundle_emb.{token}.string_to_param.*": per["text_encoder"] for token, per in adapter.embeddings.items()}
-    return write_safetensors(path, tensors, metadata)
-
-
 def write_outputs(adapter: CanonicalAdapter, folder: Path, name: str, metadata: dict[str, str] | None = None) -> dict[str, Path]:
     """{output name: file}; every file is written atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    out = {"kohya": _export_kohya(adapter, folder / f"{name}.safetensors", metadata)}
+    out = {"kohya": export_kohya(adapter, folder / f"{name}.safetensors", metadata)}
     if adapter.modules:
         out["diffusers"] = export_diffusers(adapter, folder / f"{name}.diffusers.safetensors", drop_embeddings=True)
         for component in adapter.components:

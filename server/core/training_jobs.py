@@ -22,7 +22,10 @@ then carries `JobResumed(from_step)`. Stopping the server does the same on purpo
 only ever ended by finishing, failing or being cancelled.
 
 When a job finishes, its adapter is written in every format and registered in the adapter
-registry (exactly as an upload is), so the next Generate can name it.
+registry (exactly as an upload is), so the next Generate can name it. A LoRA or pivotal-tuning
+adapter is registered from its kohya file (LoRA and bundled token in one); a textual inversion
+from its diffusers-style embeddings file, which keeps the trained token (A1111's embedding file,
+the kohya output, holds none).
 """
 
 from __future__ import annotations
@@ -447,13 +450,14 @@ class TrainingJobs:
         # Register it as an upload would be: the same checks, the same store.
         model = self.engine.registry.load(job.model)
         shapes = base_weight_shapes(model.engines.unet, "unet") | base_weight_shapes(model.engines.text_encoder, "text_encoder")
+        source, source_format = (files["kohya"], "kohya") if adapter.modules else (files["embeddings"], "embedding")
         upload = self.engine.adapters.new_upload_path()
-        upload.write_bytes(files["kohya"].read_bytes())
+        upload.write_bytes(source.read_bytes())
         try:
-            record, _ = self.engine.adapters.add(upload, name=spec.adapter_name, format="kohya", model=job.model, named_weight_shapes=shapes)
+            record, _ = self.engine.adapters.add(upload, name=spec.adapter_name, format=source_format, model=job.model, named_weight_shapes=shapes)
         except InvalidArgument as exc:
-            # e.g. textual-inversion vectors, which the registry does not serve yet: the files
-            # are there to download, but Generate cannot use it. Said, not hidden.
+            # e.g. the name was taken by an upload while the job ran: the files are there to
+            # download, but Generate cannot use it under this name. Said, not hidden.
             self._end(job, JobState.SUCCEEDED, f"trained; not registered for serving: {exc}")
             return
         with contextlib.suppress(FileNotFoundError):

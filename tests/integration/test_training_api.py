@@ -67,6 +67,37 @@ def test_lora_job_end_to_end(served, tmp_path):
     assert job_id in [j.job_id for j in client.list_jobs()]
 
 
+@pytest.mark.parametrize("method", ["textual_inversion", "pivotal_tuning"])
+def test_embedding_jobs_are_served_by_the_next_generate(served, tmp_path, method):
+    """A trained token is registered with its adapter: the next Generate that names the adapter
+    reads the token as its vectors, and a request without it reads the token as plain text."""
+    _, client, _ = served
+    folder = write_shapes(tmp_path / "pink", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
+    client.upload_dataset(f"{method}-stars", folder)
+    name, token = f"tiny-{method.replace('_', '-')}", f"<{method[:5]}-star>"
+    options = dict(embedding_steps=1) if method == "pivotal_tuning" else {}
+    job_id = client.start_training(
+        method, dataset=f"{method}-stars", adapter_name=name, token=token, initializer_token="star",
+        num_vectors=2, num_steps=2, batch_size=1, seed=5, rank=1, embedding_lr=0.5, **options,
+    )  # fmt: skip
+    final = list(client.watch_job(job_id, timeout=300))[-1]
+    assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
+    assert "embeddings" in final.outputs and "not registered" not in final.message
+
+    listed = {a.name: a for a in client.list_adapters()}[name]
+    assert listed.has_embeddings and [(t.token, t.num_vectors) for t in listed.tokens] == [(token, 2)]
+    prompt = f"a {token} on a white background"
+    trained = [e for e in client.generate(f"{prompt} <lora:{name}:1>", seed=1, num_steps=4) if isinstance(e, Image)]
+    plain = [e for e in client.generate(prompt, seed=1, num_steps=4) if isinstance(e, Image)]
+    assert len(trained) == 1 and name in trained[0].infotext
+    assert trained[0].data != plain[0].data
+    _, blob = client.download_job_output(job_id, "kohya")
+    if method == "textual_inversion":  # A1111's embedding file: the vectors only, no token
+        from safetensors.torch import load
+
+        assert list(load(blob)) == ["emb_params"]
+
+
 @pytest.mark.parametrize("dataset", ["../outside", "/etc", "a/../../b", "..", "sub/dir"])
 def test_dataset_paths_outside_the_data_dir_are_refused(served, dataset):
     _, client, _ = served
