@@ -2,12 +2,15 @@
 
 It runs diffusers' and transformers' own modules eagerly. Refit copies weights in place
 (`copy_`) and keeps a pristine copy of every weight it ever touched, so `restore` is exact.
+Beyond the Engine contract, `refit_in_place` lets a caller compute new values straight into
+the parameters, and `pristine_weights` shares the pristine copies (adapter_weights.py uses
+both: no merged tensors for a set that is not cached, one base copy).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,20 +29,49 @@ class _TorchModuleEngine(Engine):
         self.device = device
         self.dtype = dtype
         self._params = dict(self.module.named_parameters())
-        self._base: dict[str, torch.Tensor] = {}  # pristine copies, only of refitted weights
+        self._base: dict[str, torch.Tensor] = {}  # pristine copies, only of weights refitted (or asked for by pristine_weights)
 
-    def refit(self, named_weights: Mapping[str, torch.Tensor]) -> None:
-        unknown = [name for name in named_weights if name not in self._params]
+    def _check_names(self, names) -> None:
+        unknown = [name for name in names if name not in self._params]
         if unknown:
             raise KeyError(f"{self.component.value}: no such weights: {', '.join(sorted(unknown)[:10])}")
+
+    def _keep_pristine(self, names) -> None:
+        # Taken before a weight is first written, while it still holds the base value.
+        for name in names:
+            if name not in self._base:
+                self._base[name] = self._params[name].detach().clone()
+
+    def refit(self, named_weights: Mapping[str, torch.Tensor]) -> None:
+        self._check_names(named_weights)
         with torch.no_grad():
             for name, value in named_weights.items():
                 param = self._params[name]
                 if tuple(value.shape) != tuple(param.shape):
                     raise ValueError(f"{self.component.value}.{name}: shape {tuple(value.shape)} != {tuple(param.shape)}")
-                if name not in self._base:
-                    self._base[name] = param.detach().clone()
+                self._keep_pristine([name])
                 param.copy_(value)
+
+    def refit_in_place(self, names: Sequence[str], write: Callable[[str, torch.Tensor, torch.Tensor], object]) -> None:
+        """A refit whose values are computed straight into the parameters: `write(name, param,
+        pristine)` must set every element of `param` (to a full weight, never accumulating, as
+        `refit` takes), reading the base from `pristine`. No full-size value tensor exists
+        outside the engine, so a LoRA switch that is not cached allocates nothing and copies
+        nothing in (fresh memory costs a page fault per 4 KiB, more than the copy itself).
+        Pristine copies are taken first, so `restore` is exact even when a `write` fails halfway."""
+        self._check_names(names)
+        with torch.no_grad():
+            self._keep_pristine(names)
+            for name in names:
+                write(name, self._params[name].detach(), self._base[name])
+
+    def pristine_weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The base values of `names`, bit for bit, whatever was refitted since: the copies
+        `restore` uses (taken now for weights never refitted). Shared, read-only. A caller that
+        needs base values reads these instead of keeping a second copy of its own."""
+        self._check_names(names)
+        self._keep_pristine(names)
+        return {name: self._base[name] for name in names}
 
     def restore(self) -> None:
         with torch.no_grad():

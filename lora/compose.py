@@ -5,6 +5,9 @@ are done in fp32 and cast to the requested dtype once at the end (summing fp16 d
 small ones). Adapters are summed in a fixed order (by content hash, then weight), not in request
 order, so the same set gives bit-identical deltas however a request lists it; refitting A, then
 B, then A again needs that.
+
+`merge_into` is the same sum added to a base weight, written straight into a given tensor
+(the merged weight an engine is refitted with).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .canonical import CanonicalAdapter
+from .canonical import CanonicalAdapter, LoraModule
 from .match import match_targets
 
 AdapterSet = Sequence[tuple[CanonicalAdapter, float]]
@@ -67,6 +70,41 @@ def compose(
     return {name: d.to(dtype) for name, d in acc.items()}
 
 
+def merge_into(out: torch.Tensor, base: torch.Tensor, terms: Sequence[tuple[LoraModule, float]]) -> torch.Tensor:
+    """Write base + Σ coefᵢ·upᵢ@downᵢ (coef = adapter weight × module scale) into `out`; return it.
+
+    `out` has the base's shape and may be an engine's own parameter: the merged weight is
+    written in place, with no full-size delta or second copy. Nothing of `out`'s old value is
+    read, and the operations are fixed by (base, terms), so the same inputs give the same bits
+    whatever `out` held before (refitting A, then B, then A needs that). Pass `terms` in the
+    canonical order (`_ordered`).
+
+    An fp32 base is never copied to another fp32 tensor first: the first term is one `addmm`
+    from the base into `out` (torch copies base into out, then one GEMM adds the product in
+    place), later terms `addmm_`. Any other dtype accumulates in a temporary fp32 copy of the
+    base and is cast once at the end (fp16 sums lose the small deltas).
+    """
+    if out.shape != base.shape:
+        raise ValueError(f"out {tuple(out.shape)} and base {tuple(base.shape)} differ")
+    if out.data_ptr() == base.data_ptr():
+        raise ValueError("out must not be the base itself (its pristine value is read)")
+    if not terms:
+        return out.copy_(base)
+    in_place = out.dtype == torch.float32 and base.dtype == torch.float32
+    rows = base.shape[0]
+    acc = out.view(rows, -1) if in_place else base.reshape(rows, -1).to(torch.float32, copy=True)  # out.view: a refit target is contiguous
+    for i, (module, coef) in enumerate(terms):
+        up = module.up.to(out.device, torch.float32).flatten(1)
+        down = module.down.to(out.device, torch.float32).flatten(1)
+        if i == 0 and in_place:
+            torch.addmm(base.reshape(rows, -1), up, down, alpha=coef, out=acc)
+        else:
+            acc.addmm_(up, down, alpha=coef)
+    if not in_place:
+        out.copy_(acc.view(out.shape))
+    return out
+
+
 def deltas_nbytes(deltas: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in deltas.values())
 
@@ -107,6 +145,10 @@ class DeltaCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether `put` would keep a result of `nbytes` (it evicts older entries to make room)."""
+        return nbytes <= self.max_bytes
 
     def get(self, key) -> dict[str, torch.Tensor] | None:
         with self._lock:

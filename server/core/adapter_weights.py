@@ -7,14 +7,19 @@ engine of the same model, passed as `base_engine`).
 
 For one engine (`EngineAdapters`):
 - the set's merged weights, base + Σ wᵢ·scaleᵢ·upᵢ@downᵢ per target weight, are computed from the
-  pristine base (never from the current, refitted values), with `impasto.lora.compose`'s
-  formula, matching and order, in fp32 and cast once, and kept in a byte-bounded LRU (`DeltaCache`) keyed by the set's content hashes
-  and weights. So refitting A, then B, then A passes A's bytes again: A's image, bit for bit;
+  pristine base (never from the current, refitted values) by `impasto.lora.compose.merge_into`
+  (compose's formula, matching and order; one addmm per pair; fp32, non-fp32 cast once), and
+  kept in a byte-bounded LRU (`DeltaCache`) keyed by the set's content hashes and weights. So
+  refitting A, then B, then A passes A's bytes again: A's image, bit for bit;
+- a set that is not kept (a weight schedule's, or larger than the cache) is computed straight
+  into an engine that offers `refit_in_place` (the torch engine): the same `merge_into`, so the
+  same bits, without building merged tensors and copying them in;
 - the empty set is `restore()`: the base, bit for bit;
 - switching to a set whose targets do not cover every weight the last one changed restores
   first, so no weight keeps another set's value;
 - base values are copied once, before a weight is first refitted (memory: one copy of the
-  targeted weights), because an engine may restore lazily (the engine router does).
+  targeted weights), because an engine may restore lazily (the engine router does); an engine
+  with `pristine_weights` (the torch engine) shares the copies it keeps for `restore`.
 
 Per request (`RequestAdapters`): the resolved adapters with their weights or weight schedules,
 the per-component sets, the batch key, the infotext hashes, and the textual-inversion tokens the
@@ -31,8 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from impasto.lora import CanonicalAdapter, DeltaCache, lora_hashes_infotext, match_targets
+from impasto.lora import CanonicalAdapter, DeltaCache, LoraModule, lora_hashes_infotext, match_targets
 from impasto.lora.compose import _ordered as ordered_items  # the canonical order: by content hash, then weight
+from impasto.lora.compose import merge_into
 
 from .adapter_registry import AdapterRecord
 from .adapter_syntax import WeightSchedule
@@ -105,7 +111,12 @@ class EngineAdapters:
             return
         merged = self.cache.get(key)
         if merged is None:
-            merged = self._merge(items)
+            plan = self._plan(items)
+            if self._writes_in_place and not (keep and self.cache.fits(self._nbytes(plan))):
+                # Not kept: no merged tensors at all, the engine's own weights are computed.
+                self._merge_in_engine(plan)
+                return
+            merged = self._merge(plan)
             if keep:
                 self.cache.put(key, merged)
         if not self._touched <= merged.keys():
@@ -113,14 +124,40 @@ class EngineAdapters:
         self.engine.refit(merged)
         self._touched = set(merged)
 
+    @property
+    def _writes_in_place(self) -> bool:
+        # The torch engine can take values computed straight into its parameters; an engine
+        # that restores lazily (the router) or reads its base elsewhere goes through refit.
+        return self.base_engine is None and getattr(self.engine, "refit_in_place", None) is not None
+
+    def _plan(self, items: AdapterSet) -> dict[str, list[tuple[LoraModule, float]]]:
+        """{torch name: [(module, weight·scale), ...]}: `compose`'s matching and order (adapters
+        by content hash then weight, each adapter's targets in its own order)."""
+        prefix = len(self.component) + 1
+        plan: dict[str, list[tuple[LoraModule, float]]] = {}
+        for adapter, weight in ordered_items(items):
+            report = match_targets(adapter, self.shapes, raise_on_error=True)
+            for target, full_name in report.resolved.items():
+                module = adapter.modules[target]
+                plan.setdefault(full_name[prefix:], []).append((module, weight * module.scale))
+        return plan
+
+    def _nbytes(self, plan: Mapping[str, object]) -> int:
+        current = self.engine.named_weights()
+        return sum(current[name].numel() * current[name].element_size() for name in plan)
+
     def _base_values(self, names) -> dict[str, torch.Tensor]:
         """Pristine values of `names`. From `base_engine` when there is one (never refitted);
-        else from a copy taken before this object first refits a weight: an engine's
-        `named_weights()` after `restore()` may still show the last set (the engine router
-        restores lazily, at its next run), so it is read only for weights never refitted."""
+        else the engine's own pristine copies when it shares them (the torch engine: one base
+        copy, not two); else from a copy taken before this object first refits a weight: an
+        engine's `named_weights()` after `restore()` may still show the last set (the engine
+        router restores lazily, at its next run), so it is read only for weights never refitted."""
         if self.base_engine is not None:
             current = self.base_engine.named_weights()
             return {n: current[n] for n in names}
+        pristine = getattr(self.engine, "pristine_weights", None)
+        if pristine is not None:
+            return pristine(list(names))
         missing = [n for n in names if n not in self._base]
         if missing:
             current = self.engine.named_weights()
@@ -128,26 +165,20 @@ class EngineAdapters:
                 self._base[n] = current[n].detach().clone()
         return {n: self._base[n] for n in names}
 
-    def _merge(self, items: AdapterSet) -> dict[str, torch.Tensor]:
-        """{torch name: base + Σ wᵢ·scaleᵢ·upᵢ@downᵢ}: `compose`'s formula, order and fp32
-        accumulation, fused into one `addmm_` per pair on a copy of the base. Building the deltas
-        first (compose) and adding them costs two more passes over the weights and the memory of
-        one more copy."""
-        prefix = len(self.component) + 1
-        plan = []
-        for adapter, weight in ordered_items(items):
-            report = match_targets(adapter, self.shapes, raise_on_error=True)
-            plan += [(adapter.modules[target], full_name[prefix:], weight) for target, full_name in report.resolved.items()]
-        base = self._base_values({name for _, name, _ in plan})
-        merged: dict[str, torch.Tensor] = {}
-        for module, name, weight in plan:
-            acc = merged.get(name)
-            if acc is None:
-                acc = merged[name] = base[name].to(dtype=torch.float32, copy=True)
-            up = module.up.to(acc.device, torch.float32).flatten(1)
-            down = module.down.to(acc.device, torch.float32).flatten(1)
-            acc.view(acc.shape[0], -1).addmm_(up, down, alpha=weight * module.scale)
-        return {name: w.to(base[name].dtype) for name, w in merged.items()}
+    def _merge(self, plan: Mapping[str, list[tuple[LoraModule, float]]]) -> dict[str, torch.Tensor]:
+        """{torch name: base + Σ wᵢ·scaleᵢ·upᵢ@downᵢ} as new tensors (to cache and refit), by
+        `merge_into`: one addmm per pair from the pristine base, no full-size delta."""
+        base = self._base_values(plan)
+        return {name: merge_into(torch.empty_like(base[name], memory_format=torch.contiguous_format), base[name], terms) for name, terms in plan.items()}
+
+    def _merge_in_engine(self, plan: Mapping[str, list[tuple[LoraModule, float]]]) -> None:
+        """The same values as `_merge` (the same `merge_into`, bit for bit), computed straight
+        into the engine's parameters: no merged tensors to allocate and copy in. Weights the last
+        set changed and this one does not are written back to the base in the same call (no
+        full restore)."""
+        leftover = sorted(self._touched - plan.keys())
+        self.engine.refit_in_place([*plan, *leftover], lambda name, param, pristine: merge_into(param, pristine, plan.get(name, ())))
+        self._touched = set(plan)
 
 
 class ModelAdapters:

@@ -92,6 +92,70 @@ def test_cache_bounded_by_bytes_still_exact(engine):
     assert same(weights(engine), with_a)
 
 
+def test_computed_in_engine_equals_cached_bit_for_bit():
+    """A set not kept is computed straight into the torch engine's weights (refit_in_place);
+    the same set through the cache (merged tensors, then refit) gives the same bits, for
+    every switch of a sequence that drops and adds weights."""
+    a, b = unet_adapter(1), unet_adapter(2, keep_every=2)
+    direct = EngineAdapters(TorchUNet(copy.deepcopy(bundle().unet)), "unet", DeltaCache(0), "tiny")
+    cached = EngineAdapters(TorchUNet(copy.deepcopy(bundle().unet)), "unet", DeltaCache(1 << 30), "tiny")
+    calls = []
+    direct.engine.refit = lambda named: calls.append(named)  # must not be used: nothing is kept
+    for items in ([(a, 0.8)], [(b, 0.5)], [(a, 1.0), (b, 0.3)], [(b, 1.0)], [(a, 0.8)]):
+        direct.apply(items)
+        cached.apply(items)
+        assert same(weights(direct.engine), weights(cached.engine)), items
+    assert not calls and len(direct.cache) == 0 and len(cached.cache) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_computed_in_engine_a_b_a_and_restore_are_bit_exact(dtype):
+    engine = TorchUNet(copy.deepcopy(bundle().unet), dtype=dtype)
+    base = weights(engine)
+    a, b = unet_adapter(1), unet_adapter(2, keep_every=2)
+    state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny")
+    state.apply([(a, 0.8)], keep=False)  # a scheduled set: not kept, computed in the engine
+    with_a = weights(engine)
+    assert not same(with_a, base)
+    state.apply([(b, 0.5)], keep=False)
+    untouched_by_b = [n.removeprefix("unet.") + ".weight" for n in a.modules if n not in b.modules]
+    assert all(torch.equal(weights(engine)[n], base[n]) for n in untouched_by_b), "no weight keeps A's value"
+    state.apply([(a, 0.8)], keep=False)
+    assert same(weights(engine), with_a) and len(state.cache) == 0
+    state.apply([])
+    assert same(weights(engine), base)
+
+
+def test_a_failed_write_in_the_engine_restores_the_base(engine):
+    base = weights(engine)
+    state = EngineAdapters(engine, "unet", DeltaCache(0), "tiny")
+    state.apply([(unet_adapter(1), 1.0)])
+    real = engine.refit_in_place
+
+    def fails_halfway(names, write):
+        done = []
+
+        def write_some(name, param, pristine):
+            if len(done) == len(names) // 2:
+                raise RuntimeError("out of memory")
+            write(name, param, pristine)
+            done.append(name)
+
+        real(names, write_some)
+
+    engine.refit_in_place = fails_halfway
+    with pytest.raises(RuntimeError, match="out of memory"):
+        state.apply([(unet_adapter(2), 1.0)])
+    assert state.applied is None and same(weights(engine), base)
+
+
+def test_one_base_copy_shared_with_the_torch_engine(engine):
+    state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny")
+    state.apply([(unet_adapter(1), 1.0)])
+    state.apply([(unet_adapter(2), 1.0)], keep=False)
+    assert not state._base, "the engine's pristine copies are used, not a second set"
+
+
 def test_base_values_from_another_engine(engine):
     """A compiled engine without named_weights takes its base values from the torch engine."""
     reference = TorchUNet(copy.deepcopy(bundle().unet))
@@ -145,20 +209,38 @@ class LazyRestoreEngine(TorchUNet):
     def restore(self):
         self.pending_restore = True
 
-    def refit(self, named):
+    def _catch_up(self):
         if getattr(self, "pending_restore", False):
             super().restore()
             self.pending_restore = False
+
+    def refit(self, named):
+        self._catch_up()
         super().refit(named)
 
+    def refit_in_place(self, names, write):
+        self._catch_up()
+        super().refit_in_place(names, write)
 
-def test_engines_that_restore_lazily_never_blend():
+
+class LazyPlainEngine(LazyRestoreEngine):
+    """The same, with only the Engine contract, as the router has: no in-place refit, no shared
+    pristine copies (adapter_weights keeps its own base copies)."""
+
+    refit_in_place = None
+    pristine_weights = None
+
+
+@pytest.mark.parametrize("lazy_type", [LazyRestoreEngine, LazyPlainEngine])
+def test_engines_that_restore_lazily_never_blend(lazy_type):
     eager = TorchUNet(copy.deepcopy(bundle().unet))
-    lazy = LazyRestoreEngine(copy.deepcopy(bundle().unet))
-    a, b = unet_adapter(1), unet_adapter(2)
+    lazy = lazy_type(copy.deepcopy(bundle().unet))
+    a, b = unet_adapter(1), unet_adapter(2, keep_every=2)
     s_eager = EngineAdapters(eager, "unet", DeltaCache(0), "tiny")
     s_lazy = EngineAdapters(lazy, "unet", DeltaCache(0), "tiny")
-    for items in ([(a, 1.0)], [(b, 0.5)], [(a, 1.0), (b, 0.3)], [(a, 1.0)]):
+    for items in ([(a, 1.0)], [(b, 0.5)], [(a, 1.0), (b, 0.3)], [], [(b, 1.0)], [(a, 1.0)]):
         s_eager.apply(items)
         s_lazy.apply(items)
-        assert same(weights(eager), weights(lazy))
+        if items:  # right after the empty set the lazy engine still shows the last one, by design
+            assert same(weights(eager), weights(lazy))
+    assert bool(s_lazy._base) == (lazy_type is LazyPlainEngine)

@@ -107,6 +107,36 @@ def test_weighted_sum_and_order_independence(tmp_path):
     assert all(t.dtype == torch.float16 for t in half.values())
 
 
+def test_merge_into_is_base_plus_compose_whatever_out_held(tmp_path):
+    """merge_into writes base + Σ w·scale·up@down into a given tensor (an engine's weight): the
+    same values as base + compose's delta, the same bits whatever the tensor held, conv
+    weights included; fp16 accumulates in fp32 and is cast once."""
+    from impasto.lora.compose import _ordered, merge_into
+
+    b = bundle()
+    a = load_adapter(b.write_diffusers(tmp_path / "a"))
+    k = load_adapter(b.write_kohya(tmp_path / "k.safetensors"))
+    shapes, base = b.named_weight_shapes(), b.base_weights()
+    items = [(a, 0.7), (k, -0.2)]
+    deltas = compose(items, named_weight_shapes=shapes)
+    terms: dict[str, list] = {}
+    for adapter, w in _ordered(items):
+        for target, name in match_targets(adapter, shapes).resolved.items():
+            terms.setdefault(name, []).append((adapter.modules[target], w * adapter.modules[target].scale))
+    assert any(base[n].ndim == 4 for n in terms), "the fixture has conv targets"
+    for name, t in terms.items():
+        once = merge_into(torch.empty_like(base[name]), base[name], t)
+        torch.testing.assert_close(once, base[name] + deltas[name], atol=1e-5, rtol=1e-5, msg=name)
+        assert torch.equal(merge_into(torch.full_like(base[name], float("nan")), base[name], t), once), name
+        half = merge_into(torch.empty_like(base[name], dtype=torch.float16), base[name].half(), t)
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half, (base[name].half().float() + deltas[name]).half(), msg=name)  # fp16's own tolerance: cast once
+    name = next(iter(terms))
+    assert torch.equal(merge_into(torch.empty_like(base[name]), base[name], []), base[name])
+    with pytest.raises(ValueError, match="base itself"):
+        merge_into(base[name], base[name], terms[name])
+
+
 def test_delta_cache_is_bounded_by_bytes(tmp_path):
     b = bundle()
     a = load_adapter(b.write_diffusers(tmp_path))
