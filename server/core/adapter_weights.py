@@ -31,6 +31,7 @@ embeddings ignore the multiplier) and diffusers (`set_adapters` does not touch e
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ from .errors import InvalidArgument, Unavailable
 from .prompt_encoding import PromptEmbedding
 
 AdapterSet = list[tuple[CanonicalAdapter, float]]
+SEEN_ONCE_ENTRIES = 4096  # keys only: a few MB at most
 
 
 def base_weight_shapes(engine, component: str) -> dict[str, tuple[int, ...]]:
@@ -73,6 +75,11 @@ class EngineAdapters:
         self._touched: set[str] = set()
         self._base: dict[str, torch.Tensor] = {}  # pristine copies of the weights this object refits
         self.num_switches = 0
+        # Sets used once, by key (bounded). A set is kept in the cache from its second use on:
+        # keeping costs fresh memory (on SD 1.5, ~4x the in-engine write), which a set used once
+        # never earns back, and one-off sets would evict the ones that recur (a doorkeeper, as
+        # in TinyLFU's admission).
+        self._seen_once: OrderedDict[tuple, None] = OrderedDict()
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -112,6 +119,7 @@ class EngineAdapters:
         merged = self.cache.get(key)
         if merged is None:
             plan = self._plan(items)
+            keep = keep and self._used_before(key)
             if self._writes_in_place and not (keep and self.cache.fits(self._nbytes(plan))):
                 # Not kept: no merged tensors at all, the engine's own weights are computed.
                 self._merge_in_engine(plan)
@@ -123,6 +131,17 @@ class EngineAdapters:
             self.engine.restore()  # a weight the last set changed and this one does not
         self.engine.refit(merged)
         self._touched = set(merged)
+
+    def _used_before(self, key: tuple) -> bool:
+        """True from a set's second use on. Only engines that can write in place wait: for the
+        others the merged tensors are made anyway, so they are kept at once."""
+        if not self._writes_in_place or key in self._seen_once:
+            self._seen_once.pop(key, None)
+            return True
+        self._seen_once[key] = None
+        while len(self._seen_once) > SEEN_ONCE_ENTRIES:
+            self._seen_once.popitem(last=False)
+        return False
 
     @property
     def _writes_in_place(self) -> bool:

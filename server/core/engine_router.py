@@ -74,6 +74,13 @@ class RoutedEngine(Engine):
         self._engine_version: dict[int, int] = {}
         self.last_backend = ""
         self._logged: set[str] = set()
+        # The torch engine's in-place refit (a LoRA switch that allocates nothing) only makes
+        # sense when torch is the only engine: compiled engines need the full values, which
+        # `refit` keeps for them. The base values always come from the torch engine.
+        if not compiled and getattr(fallback, "refit_in_place", None) is not None:
+            self.refit_in_place = self._refit_fallback_in_place
+        if getattr(fallback, "pristine_weights", None) is not None:
+            self.pristine_weights = fallback.pristine_weights
 
     # --- picking ----------------------------------------------------------------------------
     def _fits(self, engine: Engine, shape: CallShape) -> bool:
@@ -138,6 +145,16 @@ class RoutedEngine(Engine):
     def restore(self) -> None:
         self._wanted.clear()
         self._version += 1
+
+    def _refit_fallback_in_place(self, names, write) -> None:
+        # The torch engine may lag behind (refit is lazy): a weight an older, never-run set
+        # changed must not survive, so it starts from the base, then is current at once.
+        if self._engine_version.get(id(self.fallback), 0) != self._version:
+            self.fallback.restore()
+        self._wanted.clear()
+        self._version += 1
+        self.fallback.refit_in_place(names, write)
+        self._engine_version[id(self.fallback)] = self._version
 
     def _bring_up_to_date(self, engine: Engine) -> None:
         if self._engine_version.get(id(engine), 0) == self._version:

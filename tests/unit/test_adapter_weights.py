@@ -65,12 +65,31 @@ def test_merged_weights_are_cached_and_order_does_not_matter(engine):
     a, b = unet_adapter(1), unet_adapter(2)
     cache = DeltaCache(1 << 30)
     state = EngineAdapters(engine, "unet", cache, "tiny")
-    state.apply([(a, 0.5), (b, 1.0)])
+    state.apply([(a, 0.5), (b, 1.0)])  # first use: written in the engine, not kept
     first = weights(engine)
+    assert len(cache) == 0
+    state.apply([])
+    state.apply([(b, 1.0), (a, 0.5)])  # second use (same set, other order): composed and kept
+    assert len(cache) == 1 and same(weights(engine), first)
     state.apply([])
     hits = cache.stats.hits
-    state.apply([(b, 1.0), (a, 0.5)])
+    state.apply([(a, 0.5), (b, 1.0)])
     assert cache.stats.hits == hits + 1 and same(weights(engine), first)
+
+
+def test_a_set_used_once_is_not_kept_but_engines_without_in_place_keep_at_once(engine):
+    a = unet_adapter(1)
+    state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny")
+    for w in (0.1, 0.2, 0.3):
+        state.apply([(a, w)])
+    assert len(state.cache) == 0, "one-off sets never evict the ones that recur"
+    state.apply([(a, 0.2)])
+    assert len(state.cache) == 1
+    plain = TorchUNet(copy.deepcopy(bundle().unet))
+    plain.refit_in_place = None  # a compiled engine: merged tensors are made anyway
+    state = EngineAdapters(plain, "unet", DeltaCache(1 << 30), "tiny")
+    state.apply([(a, 0.1)])
+    assert len(state.cache) == 1
 
 
 def test_scheduled_sets_do_not_fill_the_cache(engine):
@@ -98,7 +117,9 @@ def test_computed_in_engine_equals_cached_bit_for_bit():
     every switch of a sequence that drops and adds weights."""
     a, b = unet_adapter(1), unet_adapter(2, keep_every=2)
     direct = EngineAdapters(TorchUNet(copy.deepcopy(bundle().unet)), "unet", DeltaCache(0), "tiny")
-    cached = EngineAdapters(TorchUNet(copy.deepcopy(bundle().unet)), "unet", DeltaCache(1 << 30), "tiny")
+    kept = TorchUNet(copy.deepcopy(bundle().unet))
+    kept.refit_in_place = None  # so every set goes through the cache at its first use
+    cached = EngineAdapters(kept, "unet", DeltaCache(1 << 30), "tiny")
     calls = []
     direct.engine.refit = lambda named: calls.append(named)  # must not be used: nothing is kept
     for items in ([(a, 0.8)], [(b, 0.5)], [(a, 1.0), (b, 0.3)], [(b, 1.0)], [(a, 0.8)]):
@@ -171,6 +192,8 @@ def test_a_failed_refit_restores_the_base(engine):
     base = weights(engine)
     a = unet_adapter(1)
     state = EngineAdapters(engine, "unet", DeltaCache(1 << 30), "tiny")
+    c = unet_adapter(3)
+    state.apply([(c, 1.0)])
     state.apply([(a, 1.0)])
 
     def broken(named):
@@ -178,7 +201,7 @@ def test_a_failed_refit_restores_the_base(engine):
 
     engine.refit = broken
     with pytest.raises(RuntimeError):
-        state.apply([(unet_adapter(3), 1.0)])
+        state.apply([(c, 1.0)])  # its second use: composed, kept and refitted
     assert state.applied is None and same(weights(engine), base)
 
 
@@ -244,3 +267,35 @@ def test_engines_that_restore_lazily_never_blend(lazy_type):
         if items:  # right after the empty set the lazy engine still shows the last one, by design
             assert same(weights(eager), weights(lazy))
     assert bool(s_lazy._base) == (lazy_type is LazyPlainEngine)
+
+
+def test_router_over_torch_only_writes_in_place_and_never_blends():
+    """The server wraps every engine in the engine router. With torch alone behind it, the
+    router passes the in-place refit and the shared pristine copies through, so a switch that
+    is not kept allocates nothing; mixed with kept sets and lazy runs, no weight is blended."""
+    from impasto.backends.base import Component
+    from impasto.core.engine_router import RoutedEngine
+
+    eager = TorchUNet(copy.deepcopy(bundle().unet))
+    torch_engine = TorchUNet(copy.deepcopy(bundle().unet))
+    router = RoutedEngine(Component.UNET, [], torch_engine, vae_scale_factor=8)
+    assert router.refit_in_place is not None and router.pristine_weights is not None
+    a, b = unet_adapter(1), unet_adapter(2, keep_every=2)
+    s_eager = EngineAdapters(eager, "unet", DeltaCache(0), "tiny")
+    s_router = EngineAdapters(router, "unet", DeltaCache(1 << 30), "tiny")
+    assert not s_router._base, "the torch engine's pristine copies are shared, not copied again"
+    for items, keep in (([(a, 1.0)], True), ([(b, 0.5)], False), ([(a, 1.0), (b, 0.3)], True),
+                        ([(b, 1.0)], True), ([(a, 0.7)], False), ([], True), ([(b, 0.2)], False), ([(a, 1.0)], True)):
+        s_eager.apply(items)
+        s_router.apply(items, keep=keep)
+        router._bring_up_to_date(torch_engine)  # what the router's next run does
+        assert same(weights(eager), weights(torch_engine)), items
+
+
+def test_router_with_compiled_engines_keeps_full_values():
+    from impasto.backends.base import Component
+    from impasto.core.engine_router import RoutedEngine
+
+    compiled = TorchUNet(copy.deepcopy(bundle().unet))  # stands in for a compiled engine: refit only
+    router = RoutedEngine(Component.UNET, [compiled], TorchUNet(copy.deepcopy(bundle().unet)), vae_scale_factor=8)
+    assert getattr(router, "refit_in_place", None) is None, "compiled engines need the full values"
