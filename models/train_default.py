@@ -2,6 +2,8 @@
 
 Read top to bottom: config, data, VAE, latents, UNet + text encoder, save. About 40 minutes
 on a 2-core CPU. The trained weights are committed in models/default/; users never rerun this.
+The shipped weights took more UNet steps than these defaults (about 8,000, in four resumed runs
+listed in models/README.md): 3,000 steps give a model that draws colours but few shapes.
 
     python -m impasto.models.train_default                  # writes models/default/
     python -m impasto.models.train_default --out /tmp/x --unet_steps 100   # a smoke run
