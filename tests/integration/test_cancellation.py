@@ -24,7 +24,7 @@ def wait_idle(engine, timeout=20.0) -> bool:
 
 def test_breaking_out_of_the_stream_cancels_the_work(server, client):
     steps_before = server.engine.step_loop.stats.steps
-    for event in client.generate("a red circle", num_steps=150, seed=1):
+    for event in client.generate("a red circle", num_steps=150, seed=1, progress_interval_ms=0):
         if isinstance(event, Progress) and event.step == 2:
             break
     assert wait_idle(server.engine)

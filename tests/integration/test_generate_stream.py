@@ -20,7 +20,7 @@ def run(client, **options):
 
 
 def test_events_come_in_order(client):
-    events = run(client, seed=7, num_steps=6)
+    events = run(client, seed=7, num_steps=6, progress_interval_ms=0)
     kinds = [type(e) for e in events]
     while kinds and kinds[0] is Queued:
         kinds.pop(0)
@@ -31,6 +31,17 @@ def test_events_come_in_order(client):
     assert progress[-1].eta_seconds == 0
     assert kinds[-2:] == [Image, Done]
     assert len({e.request_id for e in events}) == 1
+
+
+def test_progress_is_paced_by_default_but_keeps_first_and_last(client):
+    # How many go by default depends on this machine's step time (tests/unit/test_progress_pacing.py
+    # has the clock); the first and the last always go.
+    steps = [e.step for e in run(client, seed=7, num_steps=40) if isinstance(e, Progress)]
+    assert steps[0] == 1 and steps[-1] == 40
+    assert [e.step for e in run(client, seed=7, num_steps=40, progress_interval_ms=60_000) if isinstance(e, Progress)] == [1, 40]
+    assert [e.step for e in run(client, seed=7, num_steps=40, progress_interval_ms=0) if isinstance(e, Progress)] == list(range(1, 41))
+    previews = [e.step for e in run(client, seed=7, num_steps=8, preview_every=2, progress_interval_ms=60_000) if isinstance(e, Progress)]
+    assert previews == [1, 2, 4, 6, 8]
 
 
 def test_seed_is_reported_and_reproducible(client):

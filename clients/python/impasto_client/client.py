@@ -111,7 +111,8 @@ class ImpastoClient:
 
         Options are GenerateRequest's fields by name: negative_prompt, model, width, height,
         num_steps, guidance_scale, sampler, seed, num_images, image_format ("png", "jpeg",
-        "webp"), preview_every, priority ("interactive", "batch"), adapters ([(name or id,
+        "webp"), preview_every, progress_interval_ms (unset: the server's 100 ms; 0: every step),
+        priority ("interactive", "batch"), adapters ([(name or id,
         weight)], the weight a float or a schedule string like "0@0,1@0.5").
         """
         metadata = (("x-request-id", request_id),) if request_id else None

@@ -103,6 +103,7 @@ def build_request(
     num_images: int = 1,
     image_format: str = "png",
     preview_every: int = 0,
+    progress_interval_ms: int | None = None,
     adapters: list[tuple[str, float] | tuple[str, float | str]] | None = None,
     priority: str = "interactive",
 ) -> pb.GenerateRequest:
@@ -120,6 +121,7 @@ def build_request(
         num_images=num_images,
         image_format=_FORMATS[image_format.lower()],
         preview_every=preview_every,
+        progress_interval_ms=progress_interval_ms,
         adapters=[adapter_ref(a, w) for a, w in (adapters or [])],
         priority=_PRIORITIES[priority],
     )
