@@ -84,11 +84,11 @@ def compile_openvino(engines_dir: Path, precision: str = "fp32") -> None:
     progress(f"openvino engines: {result.folder} ({'reused' if result.reused else f'built in {result.seconds:.0f} s'})")
 
 
-def start_server(max_batch_size: int, threads: int, engines_dir: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(max_batch_size: int, threads: int, engines_dir: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     backend = ["--backend", "openvino,torch", "--engines-dir", str(engines_dir)] if engines_dir else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "impasto.cli", "--log-level", "WARNING", "serve", "--port", "0", "--max-batch-size", str(max_batch_size), "--threads", str(threads), *backend],
+        [sys.executable, "-m", "impasto.cli", "--log-level", "WARNING", "serve", "--port", "0", "--max-batch-size", str(max_batch_size), "--threads", str(threads), *backend, *extra],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--alone-runs", type=int, default=3, help="runs per class for the alone latency")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per system (see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast-lane-max-steps", type=int, default=None, help="passed to (a)'s serve (0: the fast lane off); default: the server's")
     parser.add_argument("--json", help="also write every summary here")
     parser.add_argument("--openvino", action="store_true", help="(a) and (b) run on OpenVINO engines compiled for the workload's sizes")
     parser.add_argument("--engines-dir", type=Path, default=Path("/tmp/impasto-bench-engines"))
@@ -249,7 +250,8 @@ def main() -> None:
         engines_dir = args.engines_dir / args.precision  # one precision per folder: the server loads all it finds
         compile_openvino(engines_dir, args.precision)
         SYSTEM_NAMES.update(a=f"(a) impasto+OpenVINO {args.precision}, batch 8", b=f"(b) impasto+OpenVINO {args.precision}, batch 1")
-    servers = {"a": start_server(8, args.threads, engines_dir), "b": start_server(1, args.threads, engines_dir)}
+    lane = () if args.fast_lane_max_steps is None else ("--fast-lane-max-steps", str(args.fast_lane_max_steps))
+    servers = {"a": start_server(8, args.threads, engines_dir, lane), "b": start_server(1, args.threads, engines_dir)}
     targets = {name: target for name, (_, target) in servers.items()}
     try:
         worker = DiffusersWorker()
