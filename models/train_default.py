@@ -1,9 +1,10 @@
 """Train the embedded default model: a tiny Stable Diffusion 1.x on coloured shapes.
 
-Read top to bottom: config, data, VAE, latents, UNet + text encoder, save. About 40 minutes
-on a 2-core CPU. The trained weights are committed in models/default/; users never rerun this.
-The shipped weights took more UNet steps than these defaults (about 8,000, in four resumed runs
-listed in models/README.md): 3,000 steps give a model that draws colours but few shapes.
+Read top to bottom: config, data, VAE, latents, UNet + text encoder, save. About 80 minutes
+on an idle 2-core CPU with --threads 2. The trained weights are committed in models/default/;
+users never rerun this. The shipped weights came from four resumed runs (models/README.md) that
+add up to these defaults' 8,000 UNet steps; one run from scratch with these defaults has not
+been made.
 
     python -m impasto.models.train_default                  # writes models/default/
     python -m impasto.models.train_default --out /tmp/x --unet_steps 100   # a smoke run
@@ -76,7 +77,9 @@ class Config:
     vae_kl_weight: float = 1e-6  # SD's KL weight: a nearly deterministic autoencoder
     vae_bf16: bool = True  # avx512_bf16 CPUs run the VAE's convs ~2x faster; harmless elsewhere
     # UNet + text encoder
-    unet_steps: int = 3_000
+    # The shipped weights needed ~8,000 (models/README.md); at 3,000 the model draws colours but
+    # few shapes. ~0.53 s a step with threads=2 on an idle 2-core CPU: about 70 minutes.
+    unet_steps: int = 8_000
     unet_batch: int = 64  # this small UNet is overhead-bound on a CPU: 64 costs ~1.5x of 32
     unet_lr: float = 8e-4
     warmup_steps: int = 150
@@ -84,7 +87,7 @@ class Config:
     snr_gamma: float = 5.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    max_unet_minutes: float = 45.0  # a guard for a busy machine: stop early (and say so) past this
+    max_unet_minutes: float = 100.0  # a guard for a busy machine: stop early (and say so) past this
     checkpoint_every: int = 500
     checkpoint_dir: str = ""
     # A saved folder (a checkpoint or models/default) to continue from: its VAE and scaling
