@@ -47,7 +47,7 @@ from .errors import InvalidArgument, Unavailable
 from .prompt_encoding import PromptEmbedding
 
 AdapterSet = list[tuple[CanonicalAdapter, float]]
-SEEN_ONCE_ENTRIES = 4096  # keys only: a few MB at most
+SEEN_ENTRIES = 4096  # keys only: a few MB at most
 
 
 def base_weight_shapes(engine, component: str) -> dict[str, tuple[int, ...]]:
@@ -75,11 +75,11 @@ class EngineAdapters:
         self._touched: set[str] = set()
         self._base: dict[str, torch.Tensor] = {}  # pristine copies of the weights this object refits
         self.num_switches = 0
-        # Sets used once, by key (bounded). A set is kept in the cache from its second use on:
+        # Sets used before, by key (bounded). A set is kept in the cache from its second use on:
         # keeping costs fresh memory (on SD 1.5, ~4x the in-engine write), which a set used once
         # never earns back, and one-off sets would evict the ones that recur (a doorkeeper, as
         # in TinyLFU's admission).
-        self._seen_once: OrderedDict[tuple, None] = OrderedDict()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -135,12 +135,14 @@ class EngineAdapters:
     def _used_before(self, key: tuple) -> bool:
         """True from a set's second use on. Only engines that can write in place wait: for the
         others the merged tensors are made anyway, so they are kept at once."""
-        if not self._writes_in_place or key in self._seen_once:
-            self._seen_once.pop(key, None)
+        if not self._writes_in_place:
             return True
-        self._seen_once[key] = None
-        while len(self._seen_once) > SEEN_ONCE_ENTRIES:
-            self._seen_once.popitem(last=False)
+        if key in self._seen:
+            self._seen.move_to_end(key)  # an LRU of sets seen: one evicted from the cache
+            return True  # and used again is kept again at once
+        self._seen[key] = None
+        while len(self._seen) > SEEN_ENTRIES:
+            self._seen.popitem(last=False)
         return False
 
     @property
