@@ -22,6 +22,7 @@ from impasto_client.pb import image_service_pb2_grpc as pb_grpc
 
 class EndlessProgress(pb_grpc.ImageServiceServicer):
     def __init__(self):
+        self.started = 0
         self.ended = 0
         self._lock = threading.Lock()
 
@@ -30,6 +31,8 @@ class EndlessProgress(pb_grpc.ImageServiceServicer):
             self.ended += 1
 
     def Generate(self, request, context):
+        with self._lock:
+            self.started += 1
         context.add_callback(self._count_end)
         step = 0
         while context.is_active():
@@ -79,6 +82,9 @@ def test_streams_left_early_are_cancelled_and_released(endless):
     with ImpastoClient(target) as client:
         leave_early(client, 200)  # warm-up: allocator pools, the connection
         gc.collect()
+        settle = time.monotonic() + 10  # cancels reach the server asynchronously: let earlier ones land
+        while servicer.ended < servicer.started and time.monotonic() < settle:
+            time.sleep(0.01)
         ended, before = servicer.ended, rss_bytes()
         leave_early(client, 1500)
         gc.collect()
