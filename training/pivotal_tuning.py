@@ -11,12 +11,10 @@ the concept, so the LoRA needs to move the UNet less (and forgets less).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .core import BaseComponents, FineTuner, OptimConfig, Phase, load_components
-from .data import load_dataset
 from .lora_trainer import LoraTrainConfig, add_lora
-from .textual_inversion import add_token
+from .textual_inversion import add_token, load_token_dataset
 
 
 @dataclass
@@ -43,16 +41,12 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
     cfg.validate()
     parts = parts or load_components(cfg.model_dir)
     embeddings = add_token(cfg, parts)
-    data = load_dataset(
-        Path(cfg.dataset), resolution=parts.resolution, default_caption=cfg.instance_prompt, token=cfg.token, want_masks=cfg.masked_loss
-    )
-    missing = [e.source for e in data.examples if cfg.token not in e.caption]
-    if missing:
-        raise ValueError(f"captions must use the token {cfg.token!r} (write {{token}}); these do not: {', '.join(missing[:5])}")
+    data = load_token_dataset(cfg, parts)
     lora_groups, modules = add_lora(cfg, parts)
     ti_steps, lora_steps = cfg.phase_steps
     phases = [
-        Phase("embedding", ti_steps, [{"params": embeddings.parameters(), "lr": cfg.embedding_lr}], True, embeddings),
+        # No weight decay on the vectors, as in textual inversion: it pulls them toward zero.
+        Phase("embedding", ti_steps, [{"params": embeddings.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0}], True, embeddings),
         Phase("lora", lora_steps, lora_groups, trains_text_encoder=cfg.train_text_encoder, on_start=embeddings.freeze),
     ]
     optim = OptimConfig(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, snr_gamma=cfg.snr_gamma, seed=cfg.seed)

@@ -44,16 +44,22 @@ def add_token(cfg, parts: BaseComponents) -> TokenEmbeddings:
     return TokenEmbeddings(parts.tokenizer, parts.text_encoder, cfg.token, cfg.initializer_token, cfg.num_vectors)
 
 
-def build(cfg: TextualInversionConfig, parts: BaseComponents | None = None) -> FineTuner:
-    cfg.validate()
-    parts = parts or load_components(cfg.model_dir)
-    embeddings = add_token(cfg, parts)
+def load_token_dataset(cfg, parts: BaseComponents):
+    """The instance images; every caption must name the token, or the token cannot learn from it."""
     data = load_dataset(
         Path(cfg.dataset), resolution=parts.resolution, default_caption=cfg.instance_prompt, token=cfg.token, want_masks=cfg.masked_loss
     )
     missing = [e.source for e in data.examples if cfg.token not in e.caption]
     if missing:
         raise ValueError(f"captions must use the token {cfg.token!r} (write {{token}}); these do not: {', '.join(missing[:5])}")
+    return data
+
+
+def build(cfg: TextualInversionConfig, parts: BaseComponents | None = None) -> FineTuner:
+    cfg.validate()
+    parts = parts or load_components(cfg.model_dir)
+    embeddings = add_token(cfg, parts)
+    data = load_token_dataset(cfg, parts)
     phase = Phase("embedding", cfg.num_steps, [{"params": embeddings.parameters(), "lr": cfg.learning_rate}], True, embeddings)
     optim = OptimConfig(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, weight_decay=0.0, snr_gamma=cfg.snr_gamma, seed=cfg.seed)
     tuner = FineTuner(parts, data.examples, [phase], optim, masked_loss=cfg.masked_loss, embeddings=embeddings)
