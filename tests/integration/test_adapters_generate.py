@@ -13,6 +13,7 @@ import pytest
 import torch
 from adapter_files import pixels, psnr, write_diffusers, write_kohya
 from conftest import running_server
+from image_checks import diffusers_reference
 
 from impasto.core.samplers import SAMPLERS, make_noise_scheduler
 from impasto.lora import addnet_hash
@@ -63,18 +64,12 @@ def diffusers_image(pipe, files, weights: dict[str, float], callback=None):
         pipe.load_lora_weights(str(files[name]), adapter_name=name)
     if weights:
         pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-    pipe.scheduler = make_noise_scheduler(SAMPLERS[SETTINGS["sampler"]], dict(pipe.scheduler.config), SETTINGS["seed"])
-    out = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=SETTINGS["num_steps"],
-        guidance_scale=SETTINGS["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(SETTINGS["seed"]),
-        output_type="np",
-        callback_on_step_end=callback,
-    ).images[0]
+    out = diffusers_reference(
+        pipe, PROMPT, NEGATIVE, sampler=SETTINGS["sampler"], seed=SETTINGS["seed"], num_steps=SETTINGS["num_steps"],
+        guidance_scale=SETTINGS["guidance_scale"], callback=callback,
+    )
     pipe.unload_lora_weights()
-    return (out * 255).round().astype("uint8")
+    return out
 
 
 @pytest.mark.parametrize("weights", [{"a": 0.8}, {"b": 1.0}, {"a": 0.5, "b": 0.7}], ids=["a-unet+te", "b-unet", "a+b"])

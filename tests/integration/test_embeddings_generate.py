@@ -13,9 +13,9 @@ import pytest
 import torch
 from adapter_files import pixels, psnr
 from conftest import running_server
+from image_checks import diffusers_reference
 from safetensors.torch import save_file
 
-from impasto.core.samplers import SAMPLERS, make_noise_scheduler
 from impasto.models import default_model_path
 from impasto_client import Image, ImpastoClient, InvalidArgumentError
 from impasto_client.pb import adapter_service_pb2 as apb
@@ -72,16 +72,10 @@ def test_matches_diffusers_load_textual_inversion(served, files):
     pipe = StableDiffusionPipeline.from_pretrained(default_model_path(), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_textual_inversion(str(files / "learned_embeds.safetensors"), token=TOKEN)
-    pipe.scheduler = make_noise_scheduler(SAMPLERS[SETTINGS["sampler"]], dict(pipe.scheduler.config), SETTINGS["seed"])
-    reference = pipe(
-        prompt,
-        negative_prompt=negative,
-        num_inference_steps=SETTINGS["num_steps"],
+    reference = diffusers_reference(
+        pipe, prompt, negative, sampler=SETTINGS["sampler"], seed=SETTINGS["seed"], num_steps=SETTINGS["num_steps"],
         guidance_scale=SETTINGS["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(SETTINGS["seed"]),
-        output_type="np",
-    ).images[0]
-    reference = (reference * 255).round().astype("uint8")
+    )
     assert psnr(ours, reference) >= 40
     without = image(client, prompt, negative_prompt=negative)  # the token is just characters then
     assert psnr(ours, without) < 30, "the embedding must change the image for this test to mean anything"

@@ -12,11 +12,9 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image as PILImage
 
-from image_checks import psnr
-from impasto.core.samplers import SAMPLERS, make_noise_scheduler
+from image_checks import diffusers_reference, psnr
 from impasto.models import default_model_path
 from impasto_client import Image
 
@@ -37,16 +35,7 @@ def pipe():
 
 
 def diffusers_image(pipe, sampler: str, seed: int, steps: int, guidance: float) -> np.ndarray:
-    pipe.scheduler = make_noise_scheduler(SAMPLERS[sampler], pipe.base_scheduler_config, seed)
-    out = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-    ).images[0]
-    return (out * 255).round().astype("uint8")
+    return diffusers_reference(pipe, PROMPT, NEGATIVE, sampler=sampler, seed=seed, num_steps=steps, guidance_scale=guidance)
 
 
 @pytest.mark.parametrize(
