@@ -57,6 +57,13 @@ WAIT_CREDIT = 0.5
 MAX_COST_KEYS = 256
 
 
+def _make_room(per_key: dict) -> None:
+    """Forget the oldest key of a per-batch-key table at its bound: a LoRA weight schedule makes
+    one key per request, so an unbounded table would grow for the server's whole life."""
+    if len(per_key) >= MAX_COST_KEYS:
+        del per_key[next(iter(per_key))]
+
+
 @dataclass
 class ScheduledRequest:
     request_id: str
@@ -150,6 +157,8 @@ class RequestScheduler:
                 finished.append(request_id)
         if step_seconds is not None and key is not None:
             old = self._step_seconds.get(key)
+            if old is None:
+                _make_room(self._step_seconds)
             self._step_seconds[key] = step_seconds if old is None else 0.7 * old + 0.3 * step_seconds
             if sized:
                 self._record_size_seconds(key, images, step_seconds)
@@ -158,8 +167,7 @@ class RequestScheduler:
     def _record_size_seconds(self, key: Hashable, images: int, step_seconds: float) -> None:
         sizes = self._size_seconds.get(key)
         if sizes is None:
-            if len(self._size_seconds) >= MAX_COST_KEYS:  # forget the oldest key
-                del self._size_seconds[next(iter(self._size_seconds))]
+            _make_room(self._size_seconds)
             sizes = self._size_seconds[key] = {}
         old = sizes.get(images)
         sizes[images] = step_seconds if old is None else 0.7 * old + 0.3 * step_seconds

@@ -292,3 +292,15 @@ def test_fast_lane_settings_come_from_toml_and_flags(tmp_path):
     assert (config.scheduler.fast_lane_max_steps, config.scheduler.fast_lane_max_stretch) == (6, 1.25)
     args = build_parser().parse_args(["serve", "--fast-lane-max-steps", "0", "--fast-lane-max-stretch", "2"])
     assert (args.fast_lane_max_steps, args.fast_lane_max_stretch) == (0, 2.0)
+
+
+def test_step_time_tables_are_bounded_by_batch_key_count():
+    # A LoRA weight schedule gives every request its own batch key.
+    from impasto.core.scheduler import MAX_COST_KEYS, RequestScheduler, ScheduledRequest
+
+    s = RequestScheduler(max_batch_size=4)
+    for i in range(MAX_COST_KEYS + 50):
+        s.add(ScheduledRequest(f"r{i}", ("key", i), 1, 1, arrival=float(i)))
+        out = s.schedule(float(i))
+        s.update(out.batch, float(i) + 0.5, 0.01)
+    assert len(s._step_seconds) <= MAX_COST_KEYS and len(s._size_seconds) <= MAX_COST_KEYS
