@@ -29,7 +29,7 @@ class ProgressPacer:
             return True
         now = self.clock()
         due = self._last_sent is None or now - self._last_sent >= self.interval_s
-        if due or event.step == 1 or event.step >= event.num_steps or event.preview:
+        if due or event.step >= event.num_steps or event.preview:  # the first is always due
             self._last_sent = now
             return True
         return False
