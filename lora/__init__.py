@@ -10,7 +10,7 @@ from .export import export_diffusers, export_kohya, export_peft_folder
 from .extract import extract_lora, extract_lora_from_folders
 from .formats import detect_format, parse_state_dict
 from .fuse import fuse_into_folder
-from .hashing import a1111_short_hash, addnet_hash, lora_hashes_infotext
+from .hashing import a1111_short_hash, addnet_hash, lora_hashes_infotext, whole_file_sha256
 from .load import load_adapter
 from .match import MatchReport, match_targets, named_weight_shapes_of
 from .merge import merge_cat, merge_linear, merge_svd
@@ -42,4 +42,5 @@ __all__ = [
     "merge_svd",
     "named_weight_shapes_of",
     "parse_state_dict",
+    "whole_file_sha256",
 ]

@@ -13,6 +13,11 @@ Checked against AUTOMATIC1111/stable-diffusion-webui:
 kohya's trainer stores the same hash precomputed as `sshs_model_hash` metadata; older A1111
 versions preferred that value, the current one recomputes it from the file. We always compute
 it from the file, which is what the current version shows.
+
+Embeddings are hashed differently: `modules/textual_inversion/textual_inversion.py` sets an
+embedding's hash to `hashes.sha256(path, ...)` without `use_addnet_hash`, the sha256 of the whole
+file, and `modules/sd_hijack_clip.py` writes `TI hashes` with the same `"name: shorthash"` layout
+(12 characters, ':' and ',' removed from the name), so `lora_hashes_infotext` writes both.
 """
 
 from __future__ import annotations
@@ -34,13 +39,23 @@ def addnet_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def whole_file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of every byte of a file: A1111's hash of an embedding (`TI hashes`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_BLOCK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def a1111_short_hash(full_hash: str) -> str:
-    """The 12 hex characters A1111 shows in `Lora hashes`."""
+    """The 12 hex characters A1111 shows in `Lora hashes` and `TI hashes`."""
     return full_hash[:12]
 
 
 def lora_hashes_infotext(entries: list[tuple[str, str]]) -> str:
-    """The value A1111 writes after `Lora hashes: ` for (alias, full hash) pairs, in prompt order.
+    """The value A1111 writes after `Lora hashes: ` (or `TI hashes: `, the same layout) for
+    (alias, full hash) pairs, in prompt order.
 
     A1111's infotext writer then double-quotes the value (it contains ':' and ','):
     `Lora hashes: "name: 0123456789ab, other: ba9876543210"`; that quoting is the infotext

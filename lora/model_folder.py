@@ -4,12 +4,18 @@
 this way they keep each file's dtype, sharding and metadata as they were. Components are the
 sub-folders `unet/`, `text_encoder/`, `text_encoder_2/`; a component whose weights are only in
 pickle files (`.bin`) is refused.
+
+Some adapter formats also need the model's structure, not only its weights: `module_tree_of`
+(cloneofsimo's module order) and `unet_config_of` (kohya SDXL's SGM block names). They read the
+components' `config.json` only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
@@ -63,3 +69,30 @@ def weight_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
                 for key in f.keys():
                     out[f"{component}.{key}"] = tuple(f.get_slice(key).get_shape())
     return out
+
+
+def unet_config_of(folder: str | os.PathLike) -> SimpleNamespace:
+    """The UNet's config (`layers_per_block`, ...) as the kohya parser reads it (attributes)."""
+    return SimpleNamespace(**json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8")))
+
+
+def module_tree_of(folder: str | os.PathLike, component: str) -> list[tuple[str, str, bool]]:
+    """`formats.cloneofsimo.module_tree` of a folder's `unet` or `text_encoder`, the module list a
+    cloneofsimo file's indices count in. The module is built from its config on the `meta` device:
+    no weight is read or allocated, and it is dropped once listed."""
+    from .formats.cloneofsimo import module_tree
+
+    sub = Path(folder) / component
+    if component == "unet":
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            model = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(sub))
+    elif component == "text_encoder":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            model = CLIPTextModel(CLIPTextConfig.from_pretrained(sub))
+    else:
+        raise ValueError(f"module trees are built for 'unet' and 'text_encoder' (cloneofsimo's models), not {component!r}")
+    return module_tree(model)

@@ -30,6 +30,7 @@ def _serve(args) -> int:
         fast_lane_max_stretch=args.fast_lane_max_stretch,
         intra_op_threads=args.threads,
         adapters_dir=args.adapters_dir,
+        apply_embeddings_named_in_prompt=args.apply_embeddings_named_in_prompt,
     )
 
     async def run() -> None:
@@ -147,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--models-dir", type=Path, help="a folder of diffusers-format model folders")
     serve.add_argument("--default-model", help="the model used when a request names none")
     serve.add_argument("--adapters-dir", type=Path, help="where uploaded LoRA adapters are stored (default: <data dir>/adapters)")
+    serve.add_argument(
+        "--apply-embeddings-named-in-prompt",
+        action=argparse.BooleanOptionalAction,
+        help="an uploaded embedding applies wherever a prompt writes its token, as in A1111 (default: on)",
+    )
     serve.add_argument("--max-batch-size", type=int, help="images per UNet call; 1 turns batching off")
     serve.add_argument("--max-running-images", type=int, help="images admitted at once (default 4 batches)")
     serve.add_argument("--fast-lane-max-steps", type=int, help="requests of at most this many steps get a fast lane (default 8; 0: off)")

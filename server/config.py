@@ -119,6 +119,11 @@ class ServerConfig:
     include_embedded_model: bool = True
     # Uploaded LoRA adapters live here (by content hash); None: <data dir>/adapters.
     adapters_dir: Path | None = None
+    # A1111's embeddings by name: an uploaded adapter that is embeddings alone applies wherever a
+    # prompt or negative prompt writes its token, without the request naming it. Off: only the
+    # adapters a request names bring tokens (on a server shared by several users, one user's
+    # embedding would otherwise fire on a word in another's prompt).
+    apply_embeddings_named_in_prompt: bool = True
     # Backend preference order; compiled engines come from engines_dir (impasto compile --out).
     # torch is always the fallback, so backends listed after it are never used.
     backends: tuple[str, ...] = ("torch",)

@@ -9,7 +9,8 @@ textual-inversion token is a tensor keyed by the token with metadata value `<emb
 There are no layer names: `<i>` counts modules in the order the injector walks them
 (`_find_modules_v2`): for each module of the model, in `named_modules()` order, whose class name
 is a target, each of its descendants (in the same order) that is a Linear or Conv2d. The base
-model's module list is therefore needed to parse; `module_tree(model)` makes one.
+model's module list is therefore needed to parse; `module_tree(model)` makes one, and
+`model_folder.module_tree_of(folder, component)` makes one from a model folder's configs.
 No installed library writes this format; the tests build files from this description.
 """
 

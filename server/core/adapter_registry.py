@@ -21,6 +21,12 @@ embeddings (pivotal tuning, A1111 bundles, cloneofsimo) or embeddings alone (an 
 diffusers or SDXL embedding file). Each vector's width must be the text encoder's hidden size,
 and each token must fit one CLIP chunk. An A1111/kohya embedding file does not hold its token:
 it is the adapter's name, as A1111 names an embedding after its file (`formats/embedding.py`).
+Adapters that are embeddings alone are also indexed by token (`embedding_index.py`), so a prompt
+can use them by name, as in A1111.
+
+Some formats need more of the model than its weight shapes: cloneofsimo files its module order,
+kohya SDXL files its UNet config. `model_layouts` (model name -> `ModelLayout`) gives them, both at
+upload and when a stored file is parsed again after a restart, against the model it was checked on.
 """
 
 from __future__ import annotations
@@ -33,15 +39,17 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from impasto.lora import AdapterFormatError, CanonicalAdapter, a1111_short_hash, load_adapter, match_targets
+from impasto.lora import AdapterFormatError, CanonicalAdapter, a1111_short_hash, load_adapter, match_targets, whole_file_sha256
 from impasto.lora.canonical import split_target
 from impasto.lora.files import write_json
 
+from .embedding_index import EmbeddingTokenIndex
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .model_layout import ModelLayout
 from .prompt_encoding import CHUNK_TEXT_TOKENS
 
 log = logging.getLogger(__name__)
@@ -67,10 +75,18 @@ class AdapterRecord:
     created: float = 0.0
     warnings: tuple[str, ...] = field(default=(), compare=False)
     tokens: tuple[tuple[str, int], ...] = ()  # textual-inversion (token, number of vectors)
+    # sha256 of the whole file, A1111's hash of an embedding (`TI hashes`); kept for
+    # embedding-only adapters, the ones listed there (a LoRA's file can be large to hash twice).
+    whole_file_sha256: str = ""
 
     @property
     def short_hash(self) -> str:
         return a1111_short_hash(self.sha256)
+
+    @property
+    def is_embedding_only(self) -> bool:
+        """Embeddings and no LoRA module: listed under `TI hashes`, and usable by name."""
+        return self.has_embeddings and self.num_targets == 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -110,11 +126,13 @@ def token_counts(adapter: CanonicalAdapter) -> tuple[tuple[str, int], ...]:
 
 
 class AdapterRegistry:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, model_layouts: Callable[[str], ModelLayout | None] | None = None):
         self.root = Path(root)  # created by the first upload, so a server without adapters writes nothing
+        self.model_layouts = model_layouts
         self._records: dict[str, AdapterRecord] = {}
         self._loaded: dict[str, CanonicalAdapter] = {}
         self._views: dict[tuple[str, str], CanonicalAdapter | None] = {}
+        self.embedding_index = EmbeddingTokenIndex()
         self._lock = threading.RLock()
         self.scan()
 
@@ -140,6 +158,8 @@ class AdapterRegistry:
             if any(r.name == record.name for r in records.values()):
                 log.warning("adapter %s (%s): the name is taken by another record, skipped", record.name, record.id)
                 continue
+            if record.is_embedding_only and not record.whole_file_sha256:  # stored before it was kept
+                record = replace(record, whole_file_sha256=whole_file_sha256(self._file(record.id)))
             records[record.id] = record
         for leftover in self.root.glob(".upload-*") if self.root.is_dir() else []:
             with contextlib.suppress(OSError):
@@ -148,6 +168,7 @@ class AdapterRegistry:
             self._records = records
             self._loaded.clear()
             self._views.clear()
+            self.embedding_index = EmbeddingTokenIndex(records.values())
         log.info("adapters: %d in %s", len(records), self.root)
 
     def new_upload_path(self) -> Path:
@@ -188,7 +209,7 @@ class AdapterRegistry:
             adapter = self._loaded.get(record.id)
         if adapter is None:
             # token_name: an A1111/kohya embedding file's token is the adapter's name (see above).
-            adapter = load_adapter(self._file(record.id), format=record.format, token_name=record.name)
+            adapter = load_adapter(self._file(record.id), format=record.format, token_name=record.name, **self._parse_context(record.model))
             with self._lock:
                 self._loaded[record.id] = adapter
         return adapter
@@ -210,6 +231,10 @@ class AdapterRegistry:
         with self._lock:
             self._views[key] = view
         return view
+
+    def _parse_context(self, model: str) -> dict:
+        layout = self.model_layouts(model) if self.model_layouts is not None else None
+        return layout.parse_context() if layout is not None else {}
 
     # --- changes -------------------------------------------------------------------------------
     def add(
@@ -243,7 +268,7 @@ class AdapterRegistry:
     def _add(self, upload, *, name, format, model, named_weight_shapes):
         self.check_name(name, format)
         try:
-            adapter = load_adapter(upload, format=format, token_name=name)
+            adapter = load_adapter(upload, format=format, token_name=name, **self._parse_context(model))
         except AdapterFormatError as exc:
             raise InvalidArgument("data", str(exc).replace(str(upload), f"upload '{name}'")) from None
         if not adapter.modules and not adapter.embeddings:
@@ -267,6 +292,7 @@ class AdapterRegistry:
             created=time.time(),
             warnings=tuple(adapter.warnings + report.warnings),
             tokens=token_counts(adapter),
+            whole_file_sha256=whole_file_sha256(upload) if adapter.embeddings and not adapter.modules else "",
         )
         with self._lock:
             existing = self._records.get(adapter_id)
@@ -281,6 +307,7 @@ class AdapterRegistry:
             write_json(self._record_file(adapter_id), record.to_json())  # the commit marker, last
             self._records[adapter_id] = record
             self._loaded[adapter_id] = adapter
+            self.embedding_index = EmbeddingTokenIndex(self._records.values())
         log.info("adapter %s stored as %s (%s, %d targets, tokens %s)", name, adapter_id, record.format, record.num_targets, [t for t, _ in record.tokens])
         return record, False
 
@@ -292,6 +319,7 @@ class AdapterRegistry:
             self._file(record.id).unlink(missing_ok=True)
             self._records.pop(record.id, None)
             self._loaded.pop(record.id, None)
+            self.embedding_index = EmbeddingTokenIndex(self._records.values())
             for component in ("unet", "text_encoder", "text_encoder_2"):
                 self._views.pop((record.id, component), None)
         # Requests already admitted hold the adapter itself, so they finish as asked.

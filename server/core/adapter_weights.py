@@ -23,7 +23,9 @@ For one engine (`EngineAdapters`):
 
 Per request (`RequestAdapters`): the resolved adapters with their weights or weight schedules,
 the per-component sets, the batch key, the infotext hashes, and the textual-inversion tokens the
-set brings (`prompt_embeddings`). A token applies because its adapter is in the request's set,
+set brings (`prompt_embeddings`). The infotext lists LoRAs (bundled embeddings or not) under
+`Lora hashes` and embedding-only adapters under `TI hashes`, as A1111 lists its embeddings: only
+those the prompts used, each with the sha256 of its whole file (lora/hashing.py). A token applies because its adapter is in the request's set,
 whatever the adapter's weight: the weight scales LoRA deltas only, as in A1111 (bundled
 embeddings ignore the multiplier) and diffusers (`set_adapters` does not touch embeddings).
 """
@@ -220,7 +222,7 @@ class ActiveAdapter:
     """One adapter of one request: the record, its per-component views, the weight or schedule."""
 
     record: AdapterRecord
-    alias: str  # the name the request used (A1111 writes it in `Lora hashes`)
+    alias: str  # the name the request used (A1111 writes it in `Lora hashes` / `TI hashes`)
     weight: float
     schedule: WeightSchedule | None
     unet: CanonicalAdapter | None
@@ -234,6 +236,8 @@ class ActiveAdapter:
 class RequestAdapters:
     items: tuple[ActiveAdapter, ...] = ()
     _text_key: tuple = field(default=(), compare=False)
+    # Adapters (ids) whose vectors the tokenized prompts hold (`prompt_encoding.vector_sources`).
+    used_embeddings: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def has_schedule(self) -> bool:
@@ -282,9 +286,15 @@ class RequestAdapters:
         return tuple(sorted((a.record.id, a.weight) for a in self.items if a.unet is not None and a.weight != 0.0))
 
     def infotext(self) -> dict[str, str]:
-        if not self.items:
-            return {}
-        return {"Lora hashes": lora_hashes_infotext([(a.alias, a.record.sha256) for a in self.items])}
+        loras = [(a.alias, a.record.sha256) for a in self.items if not a.record.is_embedding_only]
+        embeddings = [
+            (a.alias, a.record.whole_file_sha256)
+            for a in self.items
+            if a.record.is_embedding_only and a.record.id in self.used_embeddings
+        ]
+        # TI hashes have the Lora hashes layout (lora/hashing.py); an empty value is left out.
+        fields = {"Lora hashes": lora_hashes_infotext(loras), "TI hashes": lora_hashes_infotext(embeddings)}
+        return {key: value for key, value in fields.items() if value}
 
 
 NO_ADAPTERS = RequestAdapters()

@@ -1,8 +1,9 @@
 """The core's front door: what the rpc servicers call. Async, and free of protobuf.
 
-`generate(spec)` validates, applies backpressure, loads the model if needed, hands the request
-to the step loop and yields its events. Image encoding happens here in a thread pool: off the
-event loop and off the step loop. When the caller stops iterating (client cancelled or went
+`generate(spec)` validates, applies backpressure, loads the model if needed, resolves the
+request's adapters (those it names, and the embeddings its prompts write by name), hands the
+request to the step loop and yields its events. Image encoding happens here in a thread pool:
+off the event loop and off the step loop. When the caller stops iterating (client cancelled or went
 away), the request is aborted and leaves the batch at the next step boundary.
 """
 
@@ -13,7 +14,9 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 from impasto import __version__
 from impasto.backends.availability import all_backend_status
@@ -27,7 +30,9 @@ from .adapter_weights import NO_ADAPTERS, ActiveAdapter, RequestAdapters, base_w
 from .errors import InvalidArgument, NotFound, QueueFull
 from .image_encoding import MIME_TYPES, encode_image
 from .metrics import Metrics
+from .model_layout import ModelLayouts
 from .model_registry import ModelRegistry
+from .prompt_encoding import vector_sources
 from .request_state import RequestState
 from .samplers import SAMPLERS, get_sampler
 from .spec import Done, Event, Failed, GenerationSpec, ImageReady, Started
@@ -64,7 +69,7 @@ class ImageEngine:
             engines_dir=config.engines_dir,
             on_fallback=lambda reason: self.metrics.torch_fallbacks.labels(reason).inc(),
         )
-        self.adapters = AdapterRegistry(config.resolved_adapters_dir)
+        self.adapters = AdapterRegistry(config.resolved_adapters_dir, model_layouts=ModelLayouts(self._model_folder))
         self.step_loop = StepLoop(
             config.scheduler.max_batch_size,
             admission_wait_s=config.scheduler.admission_wait_ms / 1000.0,
@@ -107,12 +112,16 @@ class ImageEngine:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(self._loader_pool, self.registry.load, entry.name)
         # `<lora:...>` tags leave the text the model sees; the infotext keeps them (as A1111 does).
-        if spec.adapters or "<lora:" in spec.prompt:
-            text_prompt, adapters = await loop.run_in_executor(self._loader_pool, self._request_adapters, spec, model)
+        if spec.adapters or "<lora:" in spec.prompt or self._may_name_embeddings(spec.prompt, resolved.negative_prompt):
+            text_prompt, adapters = await loop.run_in_executor(
+                self._loader_pool, self._request_adapters, spec, resolved.negative_prompt, model
+            )
         else:
             text_prompt, adapters = spec.prompt, NO_ADAPTERS
         # The set's textual-inversion tokens become their vectors in both prompts (prompt_encoding.py).
         chunks, negative_chunks = model.tokenizer.pair(text_prompt, resolved.negative_prompt, adapters.prompt_embeddings())
+        if adapters.items:  # the embeddings used, for the infotext's TI hashes
+            adapters = replace(adapters, used_embeddings=vector_sources(chunks + negative_chunks))
 
         with self._waiting_lock:
             if self._waiting >= self.config.limits.max_queue_length:
@@ -175,8 +184,60 @@ class ImageEngine:
             self._shapes[model.entry.name] = shapes
         return shapes
 
-    def _request_adapters(self, spec: GenerationSpec, model) -> tuple[str, RequestAdapters]:
-        """(the prompt without `<lora:>` tags, the request's adapters resolved and checked)."""
+    def _model_folder(self, name: str) -> Path | None:
+        return next((e.path for e in self.registry.list() if e.name == name), None)
+
+    def _active(self, record: AdapterRecord, weight: float, schedule=None) -> ActiveAdapter:
+        return ActiveAdapter(
+            record=record,
+            alias=record.name,
+            weight=float(weight),
+            schedule=schedule,
+            unet=self.adapters.view(record, "unet"),
+            text_encoder=self.adapters.view(record, "text_encoder"),
+        )
+
+    def _fits(self, record: AdapterRecord, model) -> list[str]:
+        """Why the adapter does not fit the model (empty: it fits). It was checked on upload
+        against `record.model`; another model is checked now."""
+        if record.model == model.entry.name:
+            return []
+        return match_targets(self.adapters.load(record), self._base_shapes(model)).errors
+
+    def _may_name_embeddings(self, prompt: str, negative_prompt: str) -> bool:
+        """Cheap, on the event loop: could the prompts use an embedding by name?"""
+        if not self.config.apply_embeddings_named_in_prompt:
+            return False
+        index = self.adapters.embedding_index
+        return bool(index.written_in(prompt) or index.written_in(negative_prompt))
+
+    def _embeddings_named_in(self, prompt: str, negative_prompt: str, named: list[ActiveAdapter], model) -> list[ActiveAdapter]:
+        """A1111's embeddings by name (embedding_index.py): the embedding-only adapters whose token
+        the prompts write, unless an adapter the request names defines that token (naming is how
+        a request picks between two). One that does not fit the model is left as words, as A1111
+        skips embeddings made for another model; two that fit, with one token, are refused, since
+        which was meant cannot be known."""
+        defined = {token.lower() for a in named for token, _ in a.record.tokens}
+        found: dict[str, ActiveAdapter] = {}
+        for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            for token, records in self.adapters.embedding_index.written_in(text).items():
+                if token in defined:
+                    continue
+                fitting = [r for r in records if not self._fits(r, model)]
+                if len(fitting) > 1:
+                    spelled = next(t for t, _ in fitting[0].tokens if t.lower() == token)
+                    names = " and ".join(f"'{r.name}'" for r in fitting)
+                    raise InvalidArgument(
+                        field,
+                        f"the embedding token {spelled!r} belongs to adapters {names}; name the one meant (adapters or <lora:name>)",
+                    )
+                if fitting and fitting[0].id not in found:
+                    found[fitting[0].id] = self._active(fitting[0], 1.0)  # a weight never scales vectors
+        return list(found.values())
+
+    def _request_adapters(self, spec: GenerationSpec, negative_prompt: str, model) -> tuple[str, RequestAdapters]:
+        """(the prompt without `<lora:>` tags, the request's adapters resolved and checked): those it
+        names, then the embeddings its prompts use by name."""
         text, tags = extract_lora_tags(spec.prompt)
         refs = [(t.name, t.weight, t.schedule, "prompt") for t in tags]
         for i, ref in enumerate(spec.adapters):
@@ -190,20 +251,12 @@ class ImageEngine:
                 raise InvalidArgument(field, str(exc)) from None
             if any(a.record.id == record.id for a in items):
                 raise InvalidArgument(field, f"adapter '{record.name}' is named twice; name it once with the summed weight")
-            if record.model != model.entry.name:
-                report = match_targets(self.adapters.load(record), self._base_shapes(model))
-                if report.errors:
-                    raise InvalidArgument(field, f"adapter '{record.name}' does not fit model '{model.entry.name}': " + "; ".join(report.errors))
-            items.append(
-                ActiveAdapter(
-                    record=record,
-                    alias=record.name,
-                    weight=float(weight),
-                    schedule=schedule,
-                    unet=self.adapters.view(record, "unet"),
-                    text_encoder=self.adapters.view(record, "text_encoder"),
-                )
-            )
+            errors = self._fits(record, model)
+            if errors:
+                raise InvalidArgument(field, f"adapter '{record.name}' does not fit model '{model.entry.name}': " + "; ".join(errors))
+            items.append(self._active(record, weight, schedule))
+        if self.config.apply_embeddings_named_in_prompt:
+            items += self._embeddings_named_in(text, negative_prompt, items, model)
         return text, RequestAdapters(tuple(items))
 
     async def upload_adapter(

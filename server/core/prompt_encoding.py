@@ -66,7 +66,7 @@ class PromptEmbedding:
         return [InjectedVector(self.source, self.token, i, self.vectors[i]) for i in range(self.vectors.shape[0])]
 
 
-def _token_pattern(tokens) -> re.Pattern:
+def token_pattern(tokens) -> re.Pattern:
     """One regex for every token, longest first (so `<cat>_x` wins over `<cat>`)."""
     parts = []
     for token in sorted(tokens, key=len, reverse=True):
@@ -117,7 +117,7 @@ class PromptTokenizer:
         by_token = {token.lower(): e for token, e in embeddings.items()}
         units: list[list] = []
         start = 0
-        for match in _token_pattern(embeddings).finditer(prompt):
+        for match in token_pattern(embeddings).finditer(prompt):
             units += [[t] for t in self.text_tokens(prompt[start : match.start()])]
             units.append(by_token[match.group(0).lower()].positions())
             start = match.end()
@@ -149,6 +149,11 @@ class PromptTokenizer:
 
 def has_vectors(chunk: tuple) -> bool:
     return any(isinstance(p, InjectedVector) for p in chunk)
+
+
+def vector_sources(chunks) -> frozenset[str]:
+    """The adapters (content hashes) whose vectors the chunks hold: the embeddings a prompt used."""
+    return frozenset(p.source for chunk in chunks for p in chunk if isinstance(p, InjectedVector))
 
 
 def encoder_inputs(chunks: list[tuple]) -> dict[str, torch.Tensor]:

@@ -49,7 +49,8 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, files):
-    with running_server(adapters_dir=tmp_path_factory.mktemp("adapters")) as server:
+    # Embeddings named by the request only: by-name use (A1111's) is test_embeddings_by_name.py.
+    with running_server(adapters_dir=tmp_path_factory.mktemp("adapters"), apply_embeddings_named_in_prompt=False) as server:
         with ImpastoClient(server.target) as client:
             client.upload_adapter(files / "learned_embeds.safetensors", "shape-x")
             client.upload_adapter(files / "redthing.safetensors", "redthing", format="embedding")
