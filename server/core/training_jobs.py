@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from impasto.lora.files import write_json
 
-from .errors import InvalidArgument, NotFound
+from .errors import AlreadyExists, InvalidArgument, NotFound
 from .training_datasets import DatasetStore
 from .training_methods import TrainingSpec, build_trainer, validate_spec
 
@@ -134,6 +135,19 @@ class JobResumed:
 JobEvent = JobStatus | JobProgress | JobSample | JobResumed
 
 
+def _remove_partial_writes(folder: Path) -> None:
+    """Drop what a crash mid-write left in a job's folder. The job's atomic writers (checkpoint,
+    job.json, class images, the safetensors outputs) write `.<name>.<random>.tmp` and then rename
+    it over the final name, so such a temp never holds anything the job needs. Not only the
+    checkpoint's: job.json is rewritten on every state change and checkpoint, so a kill -9 can
+    land in its write too."""
+    for leftover in list(folder.rglob(".*.tmp")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
 class _Stopping(Exception):
     """The server is stopping: leave the job as a crash would, to be resumed."""
 
@@ -172,8 +186,7 @@ class TrainingJobs:
             self._jobs[job.job_id] = job
         for job in sorted(self._jobs.values(), key=lambda j: j.created):
             if job.state not in FINAL:
-                for leftover in self._dir(job).glob(".checkpoint.*.tmp"):  # a crash mid-write
-                    leftover.unlink(missing_ok=True)
+                _remove_partial_writes(self._dir(job))
                 job.state = JobState.QUEUED
                 self._save(job)
                 self._queue.append(job.job_id)
@@ -455,9 +468,11 @@ class TrainingJobs:
         upload.write_bytes(source.read_bytes())
         try:
             record, _ = self.engine.adapters.add(upload, name=spec.adapter_name, format=source_format, model=job.model, named_weight_shapes=shapes)
-        except InvalidArgument as exc:
-            # e.g. the name was taken by an upload while the job ran: the files are there to
-            # download, but Generate cannot use it under this name. Said, not hidden.
+        except (InvalidArgument, AlreadyExists) as exc:
+            # e.g. the name was taken by an upload while the job ran, or the very same weights
+            # are stored under another name (the registry keeps one name per content; both are
+            # AlreadyExists): the files are there to download, but Generate cannot use them under
+            # this name. Said, not hidden; the training itself succeeded.
             self._end(job, JobState.SUCCEEDED, f"trained; not registered for serving: {exc}")
             return
         with contextlib.suppress(FileNotFoundError):

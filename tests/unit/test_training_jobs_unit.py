@@ -84,3 +84,19 @@ def test_a_step_waits_while_the_step_loop_has_work():
     jobs.config = TrainingConfig(max_yield_wait_s=0.05)
     jobs._yield_to_serving(job)
     assert busy.is_set()
+
+
+def test_a_restart_drops_the_temp_files_of_writes_a_crash_cut_short(tmp_path):
+    from impasto.core.training_jobs import _remove_partial_writes
+
+    kept = ["job.json", "checkpoint.pt", "outputs/a.safetensors", "class_images/class_00000.png"]
+    partial = [
+        ".job.json.x1.tmp", ".checkpoint.x2.tmp", "outputs/.a.safetensors.x3.tmp",
+        "class_images/.class_00001.png.tmp", "outputs/.a.peft_unet.x4.tmp/adapter_config.json",
+    ]  # fmt: skip
+    for name in kept + partial:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    _remove_partial_writes(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+    assert not (tmp_path / "outputs" / ".a.peft_unet.x4.tmp").exists()
