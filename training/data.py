@@ -67,23 +67,42 @@ def _open(path: Path) -> Image.Image:
         return im.copy()
 
 
+def _rows(folder: Path, report: DatasetReport) -> list[dict]:
+    """One {"file", "caption"?, "mask"?} per listed image: metadata.jsonl's lines, else the images."""
+    if not (folder / METADATA_FILE).is_file():
+        return [{"file": p.name} for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    rows = []
+    for n, line in enumerate((folder / METADATA_FILE).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                report.skipped.append((f"{METADATA_FILE}:{n}", f"not JSON: {exc}"))
+    return rows
+
+
+def _caption(row: dict, path: Path, default_caption: str) -> str:
+    caption = row.get("caption")
+    if caption is None:
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else default_caption
+    return caption
+
+
+def dataset_captions(folder: Path, *, default_caption: str = "", token: str = "") -> list[str]:
+    """The captions of a dataset's listed images, without opening the images (DreamBooth's
+    `[filewords]` class prompts are made from them before training starts)."""
+    folder = Path(folder)
+    return [fill_token(_caption(row, folder / str(row.get("file", "")), default_caption), token) for row in _rows(folder, DatasetReport([]))]
+
+
 def load_dataset(folder: Path, *, resolution: int, default_caption: str = "", token: str = "", want_masks: bool = False) -> DatasetReport:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder {folder} does not exist")
     report = DatasetReport([])
     prepared = (folder / METADATA_FILE).is_file()
-    if prepared:
-        rows = []
-        for n, line in enumerate((folder / METADATA_FILE).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError as exc:
-                    report.skipped.append((f"{METADATA_FILE}:{n}", f"not JSON: {exc}"))
-    else:
-        rows = [{"file": p.name} for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    for row in rows:
+    for row in _rows(folder, report):
         name = str(row.get("file", ""))
         path = (folder / name).resolve()
         if not name or folder.resolve() not in path.parents:
@@ -100,10 +119,7 @@ def load_dataset(folder: Path, *, resolution: int, default_caption: str = "", to
         bucketed = prepared and image.size[0] % 8 == 0 and image.size[1] % 8 == 0
         if image.size != (resolution, resolution) and not bucketed:
             image = centre_crop_resize(image.convert("RGB"), resolution)
-        caption = row.get("caption")
-        if caption is None:
-            sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else default_caption
+        caption = _caption(row, path, default_caption)
         mask = None
         if want_masks:
             mask_name = row.get("mask")

@@ -129,6 +129,39 @@ def test_dreambooth_uses_class_images_and_prior_weight(tmp_path):
     assert changed(before, base_params(parts)) == set()
 
 
+def test_dreambooth_filewords_class_prompts_follow_the_captions(tmp_path):
+    """`[filewords]`: one class prompt per instance caption, the token taken out; the class
+    images are split between them in blocks, each image keeps its own prompt, and a resumed
+    run draws only what is missing, with the same seed per image."""
+    cfg = dreambooth.DreamBoothConfig(
+        **{**lora_config().__dict__, "instance_prompt": "a sks shape"},
+        class_prompt="a photo of [filewords]", class_dir=str(tmp_path / "class"), num_class_images=6,
+    )
+    # star_dataset's captions: "a {red,blue,green,yellow} {token} shape"
+    assert dreambooth.class_prompts(cfg) == [f"a photo of a {c} shape" for c in ("red", "blue", "green", "yellow")]
+    plan = dreambooth.class_prompt_plan(cfg)
+    assert plan == ["a photo of a red shape"] * 2 + ["a photo of a blue shape"] * 2 + ["a photo of a green shape", "a photo of a yellow shape"]
+    calls = []
+
+    def generator(prompt, n, seed):
+        calls.append((prompt, n, seed))
+        return render_class_images(prompt, n, seed)
+
+    files = dreambooth.ensure_class_images(cfg, generator, batch=8)
+    assert [c[1:] for c in calls] == [(2, 10_000), (2, 10_002), (1, 10_004), (1, 10_005)]
+    assert [f.with_suffix(".txt").read_text() for f in files] == plan
+    files[-1].unlink()  # as if the run had died before the last image
+    calls.clear()
+    assert dreambooth.ensure_class_images(cfg, generator) == files and calls == [("a photo of a yellow shape", 1, 10_005)]
+    tuner = dreambooth.build(cfg, load_components(tiny_model_dir()))
+    assert sorted(tuner.class_captions) == sorted(plan)
+
+
+def test_dreambooth_filewords_needs_the_token():
+    with pytest.raises(ValueError, match="instance token"):
+        dreambooth.DreamBoothConfig(**{**lora_config().__dict__, "token": "", "instance_prompt": "a sks shape"}, class_prompt="[filewords]", class_dir="x").validate()
+
+
 def test_textual_inversion_trains_only_the_new_rows(tmp_path):
     parts = load_components(tiny_model_dir())
     table_before = parts.text_encoder.get_input_embeddings().weight.detach().clone()
