@@ -32,6 +32,7 @@ embeddings ignore the multiplier) and diffusers (`set_adapters` does not touch e
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -227,6 +228,7 @@ class ActiveAdapter:
     schedule: WeightSchedule | None
     unet: CanonicalAdapter | None
     text_encoder: CanonicalAdapter | None
+    schedule_field: str = ""  # the request field that gave the schedule (errors name it)
 
     def weight_at(self, fraction: float) -> float:
         return self.schedule.at(fraction) if self.schedule is not None else self.weight
@@ -242,6 +244,19 @@ class RequestAdapters:
     @property
     def has_schedule(self) -> bool:
         return any(a.schedule is not None for a in self.items)
+
+    def check_schedule_cost(self, unet_engine, shape, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Refuse a weight schedule where refitting before every step would cost more than the
+        step (engine_router.SCHEDULE_MAX_REFIT_PER_STEP): every step refits all the set's UNet
+        targets. `shape`: the request's UNet call (it runs alone); `shapes`: base_weight_shapes."""
+        refusal = getattr(unet_engine, "schedule_refusal", None)
+        if not self.has_schedule or refusal is None:
+            return
+        names = {n for a in self.items if a.unet is not None for n in match_targets(a.unet, shapes).resolved.values()}
+        reason = refusal(shape, sum(math.prod(shapes[n]) for n in names))
+        if reason:
+            scheduled = next(a for a in self.items if a.schedule is not None)
+            raise Unavailable(f"{scheduled.schedule_field or 'weight_schedule'}: {reason}; use a constant weight for '{scheduled.alias}'")
 
     def unet_set(self, fraction: float) -> AdapterSet:
         return [(a.unet, a.weight_at(fraction)) for a in self.items if a.unet is not None]

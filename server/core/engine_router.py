@@ -12,11 +12,16 @@ text-encoder call that carries textual-inversion vectors (`token_vectors`) alway
 Refit is lazy: the router remembers the weights asked for, and brings an engine up to date
 (restore, then refit) only when that engine is next used, so a LoRA switch costs one refit
 of the engine that actually runs, not of every backend loaded.
+
+The router times what it runs (per engine: a refit's seconds per weight element written, a
+run's seconds per sample pixel), so that `schedule_refusal` can tell whether refitting before
+every step (a per-step weight schedule) would cost more than the steps themselves.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -29,6 +34,29 @@ log = logging.getLogger(__name__)
 # CLIP's context: compiled UNets are exported for one 77-token chunk. A1111-style long prompts
 # (77*k tokens) run on an engine that declares their length, or on torch.
 COMPILED_CONTEXT_LENGTH = 77
+
+# A weight schedule (`<lora:name:0@0,1@0.5>`, adapters[i].weight_schedule) makes a new adapter
+# set at every step, so each step pays a merge and a refit of the engine that runs it. Refused
+# when the engine's measured refit would take longer than the step itself (the request's time
+# more than doubled). benchmarks/lora_switch.py, 2-core EPYC, 1 thread, UNet at CFG batch 2, the
+# per-step merge + refit (refit alone) against the step:
+#   default model (LoRA on 100 attention/ff/conv weights, 3 MB), step 5-16 ms:
+#     torch (merged in place, no refit) 0.06x; onnxruntime 0.15x; openvino fp32 0.45x; bf16 0.47x
+#   SD 1.5 at 256x256 (LoRA on its 128 attention weights, 357 MB), step 1.4-4.2 s:
+#     torch 0.02x; onnxruntime 0.12x (refit 0.09x); openvino fp32 0.09x (0.07x); bf16 0.18x (0.14x)
+# So on these CPU engines (refit = a host memory copy) schedules run. They are refused where a
+# refit is a rebuild or a device upload and a step is short: OpenVINO's "recompile" refit mode
+# (every profile recompiled), TensorRT on a GPU (refit_cuda_engine against a step of tens of
+# ms; not measured here: no GPU). The rule compares figures measured on this server rather
+# than naming backends. An engine with no figures yet (never refitted, or never run) is let
+# through: the first request measures it. The merge (torch, ~25% of the refit on SD 1.5) is
+# not counted.
+SCHEDULE_MAX_REFIT_PER_STEP = 1.0  # refit seconds per step seconds
+_EMA = 0.3  # weight of a new measurement
+
+
+def schedule_too_slow(refit_s: float, step_s: float) -> bool:
+    return refit_s > SCHEDULE_MAX_REFIT_PER_STEP * step_s
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,10 @@ class RoutedEngine(Engine):
         self._engine_version: dict[int, int] = {}
         self.last_backend = ""
         self._logged: set[str] = set()
+        # Measured costs by engine id (EMA): a refit's seconds per weight element it wrote, and a
+        # run's seconds per sample pixel (batch x width x height; batch alone for text).
+        self._refit_rate: dict[int, float] = {}
+        self._run_rate: dict[int, float] = {}
         # The torch engine's in-place refit (a LoRA switch that allocates nothing) only makes
         # sense when torch is the only engine: compiled engines need the full values, which
         # `refit` keeps for them. The base values always come from the torch engine.
@@ -118,9 +150,13 @@ class RoutedEngine(Engine):
                 log.info("%s: no compiled engine fits %s (%s); running on torch", self.component.value, shape, reason)
         self._bring_up_to_date(engine)
         self.last_backend = engine.info().backend
+        started = time.perf_counter()
         if engine is self.fallback:
-            return engine.run(inputs)
-        return self._run_in_batches(engine, inputs, shape.batch)
+            outputs = engine.run(inputs)
+        else:
+            outputs = self._run_in_batches(engine, inputs, shape.batch)
+        _observe(self._run_rate, engine, (time.perf_counter() - started) / _pixels(shape))
+        return outputs
 
     def _run_in_batches(self, engine: Engine, inputs: Mapping[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
         profile = engine.info().profile
@@ -159,10 +195,32 @@ class RoutedEngine(Engine):
     def _bring_up_to_date(self, engine: Engine) -> None:
         if self._engine_version.get(id(engine), 0) == self._version:
             return
+        started = time.perf_counter()
         engine.restore()
         if self._wanted:
             engine.refit(self._wanted)
+            elements = sum(w.numel() for w in self._wanted.values())
+            _observe(self._refit_rate, engine, (time.perf_counter() - started) / elements)
         self._engine_version[id(engine)] = self._version
+
+    def schedule_refusal(self, shape: CallShape, num_elements: int) -> str:
+        """Why a request whose adapter set changes at every step (refitting `num_elements` weight
+        elements before each call of `shape`) should not run here, or "" (see
+        SCHEDULE_MAX_REFIT_PER_STEP). Torch alone merges into its weights in place (no refit)."""
+        engine, _ = self.pick(shape)
+        if not self.compiled:
+            return ""  # a schedule's sets are merged into torch's weights in place (_refit_fallback_in_place)
+        refit_rate, run_rate = self._refit_rate.get(id(engine)), self._run_rate.get(id(engine))
+        if refit_rate is None or run_rate is None:
+            return ""
+        refit_s, step_s = refit_rate * num_elements, run_rate * _pixels(shape)
+        if not schedule_too_slow(refit_s, step_s):
+            return ""
+        return (
+            f"a weight schedule refits the UNet before every step; on this model's {engine.info().backend} engine that takes "
+            f"about {refit_s * 1000:.0f} ms per step against {step_s * 1000:.0f} ms for the step itself (measured here), "
+            "more than doubling the request's time"
+        )
 
     def info(self) -> EngineInfo:
         first = self.compiled[0] if self.compiled else self.fallback
@@ -173,3 +231,12 @@ class RoutedEngine(Engine):
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         return self.fallback.named_weights()  # the torch engine holds the base weights by name
+
+
+def _pixels(shape: CallShape) -> int:
+    return shape.batch * max(1, shape.width * shape.height)
+
+
+def _observe(rates: dict[int, float], engine: Engine, value: float) -> None:
+    old = rates.get(id(engine))
+    rates[id(engine)] = value if old is None else old + _EMA * (value - old)

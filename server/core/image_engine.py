@@ -27,6 +27,7 @@ from impasto.lora import match_targets
 from .adapter_registry import AdapterRecord, AdapterRegistry
 from .adapter_syntax import extract_lora_tags, parse_schedule
 from .adapter_weights import NO_ADAPTERS, ActiveAdapter, RequestAdapters, base_weight_shapes
+from .engine_router import COMPILED_CONTEXT_LENGTH, CallShape
 from .errors import InvalidArgument, NotFound, QueueFull
 from .image_encoding import MIME_TYPES, encode_image
 from .metrics import Metrics
@@ -122,6 +123,10 @@ class ImageEngine:
         chunks, negative_chunks = model.tokenizer.pair(text_prompt, resolved.negative_prompt, adapters.prompt_embeddings())
         if adapters.items:  # the embeddings used, for the infotext's TI hashes
             adapters = replace(adapters, used_embeddings=vector_sources(chunks + negative_chunks))
+        if adapters.has_schedule:  # refitted before each of its UNet calls (it runs alone: its own batch)
+            batch = resolved.num_images * (2 if resolved.uses_cfg else 1)
+            unet_call = CallShape(batch, resolved.width, resolved.height, COMPILED_CONTEXT_LENGTH * len(chunks))
+            adapters.check_schedule_cost(model.engines.unet, unet_call, self._base_shapes(model))
 
         with self._waiting_lock:
             if self._waiting >= self.config.limits.max_queue_length:
@@ -187,7 +192,7 @@ class ImageEngine:
     def _model_folder(self, name: str) -> Path | None:
         return next((e.path for e in self.registry.list() if e.name == name), None)
 
-    def _active(self, record: AdapterRecord, weight: float, schedule=None) -> ActiveAdapter:
+    def _active(self, record: AdapterRecord, weight: float, schedule=None, schedule_field: str = "") -> ActiveAdapter:
         return ActiveAdapter(
             record=record,
             alias=record.name,
@@ -195,6 +200,7 @@ class ImageEngine:
             schedule=schedule,
             unet=self.adapters.view(record, "unet"),
             text_encoder=self.adapters.view(record, "text_encoder"),
+            schedule_field=schedule_field,
         )
 
     def _fits(self, record: AdapterRecord, model) -> list[str]:
@@ -239,12 +245,12 @@ class ImageEngine:
         """(the prompt without `<lora:>` tags, the request's adapters resolved and checked): those it
         names, then the embeddings its prompts use by name."""
         text, tags = extract_lora_tags(spec.prompt)
-        refs = [(t.name, t.weight, t.schedule, "prompt") for t in tags]
+        refs = [(t.name, t.weight, t.schedule, "prompt", "prompt") for t in tags]
         for i, ref in enumerate(spec.adapters):
             schedule = parse_schedule(ref.weight_schedule, f"adapters[{i}].weight_schedule") if ref.weight_schedule else None
-            refs.append((ref.adapter, ref.weight, schedule, f"adapters[{i}].adapter"))
+            refs.append((ref.adapter, ref.weight, schedule, f"adapters[{i}].adapter", f"adapters[{i}].weight_schedule"))
         items: list[ActiveAdapter] = []
-        for ref, weight, schedule, field in refs:
+        for ref, weight, schedule, field, schedule_field in refs:
             try:
                 record = self.adapters.resolve(ref)
             except NotFound as exc:
@@ -254,7 +260,7 @@ class ImageEngine:
             errors = self._fits(record, model)
             if errors:
                 raise InvalidArgument(field, f"adapter '{record.name}' does not fit model '{model.entry.name}': " + "; ".join(errors))
-            items.append(self._active(record, weight, schedule))
+            items.append(self._active(record, weight, schedule, schedule_field))
         if self.config.apply_embeddings_named_in_prompt:
             items += self._embeddings_named_in(text, negative_prompt, items, model)
         return text, RequestAdapters(tuple(items))

@@ -124,3 +124,42 @@ def test_embedding_chunks_run_on_the_torch_text_encoder(engines_dir, tmp_path):
     ours, plain_backend, backend, fallbacks = serve(backends=("openvino", "torch"), engines_dir=engines_dir)
     assert plain_backend == "openvino" and backend == "torch" and fallbacks == 1
     assert psnr(ours, reference) >= 40
+
+
+def test_weight_schedule_runs_where_a_refit_costs_less_than_a_step(engines_dir, tmp_path):
+    """A weight schedule refits the UNet before every step (engine_router.SCHEDULE_MAX_REFIT_PER_STEP).
+    With OpenVINO's parameter refit (a memory copy, far shorter than a step) it runs on the compiled
+    engine and gives the torch server's image. The same engine folder loaded with OpenVINO's
+    recompile refit (every profile recompiled at each refit: far longer than a step) refuses it,
+    once the server has measured a refit, with FAILED_PRECONDITION naming the field; constant
+    weights still run there."""
+    from adapter_files import write_kohya
+    from impasto.backends.engine_folder import load_engine_folder
+    from impasto_client import UnavailableError
+
+    a = write_kohya(tmp_path / "a.safetensors", seed=1)
+    settings = dict(seed=21, num_steps=6, sampler="euler")
+    scheduled = dict(adapters=[("style-a", "0@0,1@0.5")], **settings)
+    with running_server(adapters_dir=tmp_path / "adapters-torch") as s, ImpastoClient(s.target) as client:
+        client.upload_adapter(a, "style-a")
+        reference = image_of(client, **scheduled)
+
+    with running_server(backends=("openvino", "torch"), engines_dir=engines_dir, adapters_dir=tmp_path / "adapters-ov") as s, ImpastoClient(s.target) as client:
+        client.upload_adapter(a, "style-a")
+        model = s.engine.registry.load("")
+        router = model.engines.unet
+        image_of(client, adapters=[("style-a", 0.8)], **settings)  # the server has measured a refit and steps
+        ours = image_of(client, **scheduled)
+        assert router.last_backend == "openvino"
+        assert psnr(ours, reference) >= 40
+
+        folder = next(f for backend, f in s.engine.registry.engine_reports[model.entry.name].loaded if backend == "openvino")
+        router.compiled[0] = load_engine_folder(folder, model.entry.path, refit_mode="recompile").unet
+        image_of(client, adapters=[("style-a", 0.8)], **settings)  # a refit that recompiles, measured
+        assert router.last_backend == "openvino"
+        with pytest.raises(UnavailableError, match=r"FAILED_PRECONDITION: adapters\[0\]\.weight_schedule: a weight schedule refits the UNet .* openvino engine"):
+            list(client.generate("a red circle on a white background", **scheduled))
+        with pytest.raises(UnavailableError, match=r"FAILED_PRECONDITION: prompt: .*use a constant weight for 'style-a'"):
+            list(client.generate("a red circle <lora:style-a:0@0,1@0.5>", **settings))
+        image_of(client, adapters=[("style-a", 0.5)], **settings)
+        assert router.last_backend == "openvino"

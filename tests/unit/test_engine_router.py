@@ -3,10 +3,12 @@ batches, falls back to torch with a reason, and refits lazily without ever blend
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from impasto.backends.base import Component, Engine, EngineInfo, ShapeProfile
-from impasto.core.engine_router import RoutedEngine
+from impasto.core.engine_router import CallShape, RoutedEngine
 
 
 class RecordingUNet(Engine):
@@ -123,3 +125,39 @@ def test_text_encoder_calls_with_injected_vectors_fall_back_with_reason_embeddin
     assert compiled.calls == [["input_ids"]] and not fallbacks
     router.run({"input_ids": ids, "token_vectors": torch.zeros(2, 77, 4), "token_vector_mask": torch.zeros(2, 77, dtype=torch.bool)})
     assert torch_engine.calls == [["input_ids", "token_vector_mask", "token_vectors"]] and fallbacks == ["embeddings"]
+
+
+
+class TimedUNet(RecordingUNet):
+    """A RecordingUNet whose refit and run take at least the given seconds."""
+
+    def __init__(self, profile: ShapeProfile, refit_s: float, run_s: float):
+        super().__init__("compiled", profile)
+        self.refit_s, self.run_s = refit_s, run_s
+
+    def refit(self, named_weights):
+        time.sleep(self.refit_s)
+        super().refit(named_weights)
+
+    def run(self, inputs):
+        time.sleep(self.run_s)
+        return super().run(inputs)
+
+
+def test_schedule_refusal_compares_measured_refit_and_step_costs():
+    """A weight schedule refits before every step: refused where the engine's measured refit of
+    the request's set would take longer than its step; let through before anything is measured,
+    and on an engine whose refit is shorter than a step."""
+    shape = CallShape(2, 64, 64, 77)
+    for refit_s, run_s, refused in ((0.05, 0.0, True), (0.0, 0.05, False)):
+        compiled = TimedUNet(ShapeProfile(1, 4, ((64, 64),)), refit_s, run_s)
+        router = RoutedEngine(Component.UNET, [compiled], RecordingUNet("torch", ShapeProfile()), vae_scale_factor=8)
+        assert router.schedule_refusal(shape, 1) == ""  # nothing measured yet
+        router.refit({"w": torch.tensor(1.0)})  # one element
+        router.run(unet_inputs(2))  # one refit and one step measured
+        reason = router.schedule_refusal(shape, 1)
+        assert bool(reason) == refused, reason
+        if refused:
+            assert "compiled engine" in reason and "more than doubling" in reason
+            # A call no compiled engine fits runs on torch, never refitted there: nothing measured.
+            assert router.schedule_refusal(CallShape(2, 128, 128, 77), 1) == ""
