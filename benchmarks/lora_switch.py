@@ -50,7 +50,8 @@ Weight schedule (second table): a request whose adapter weight changes with the 
 (`<lora:name:0@0,1@0.5>`) makes a new set at every step; the server merges it (not kept) and
 refits before each step. Per-step overhead = that merge + refit (20 steps of a 0..1 ramp,
 median), against the UNet step itself. diffusers' runtime-LoRA equivalent is `set_adapters`
-with the step's weight, then an unfused step.
+with the step's weight, then an unfused step: its overhead is set_adapters plus what the unfused
+branches add (timed in pairs against the same step with the LoRA layers disabled).
 
 Threads: each thread count in --threads is a separate set of torch rows (both sides at the same
 count). On a shared, loaded CPU torch's intra-op pool costs milliseconds per small op
@@ -205,12 +206,28 @@ def bench_model(shape: str, unet, sample_hw: tuple[int, int], files: dict[str, P
         d_unet.set_adapters([flip["next"]], weights=[1.0])
 
     set_adapters_s = timed(set_adapters, repeats, sync)
-    with torch.inference_mode():
-        step_unfused = timed(
-            lambda: d_unet(inputs["sample"].to(device), inputs["timestep"].to(device), encoder_hidden_states=inputs["encoder_hidden_states"].to(device), return_dict=False),
-            max(2, repeats // 3),
-            sync,
-        )
+
+    def step():
+        with torch.inference_mode():
+            d_unet(inputs["sample"].to(device), inputs["timestep"].to(device), encoder_hidden_states=inputs["encoder_hidden_states"].to(device), return_dict=False)
+
+    # The unfused step and the same step with the LoRA layers disabled, in pairs: what the
+    # unfused branches add is a few percent of a real-size step, less than a loaded CPU's drift
+    # between two separately timed medians.
+    pairs = []
+    for _ in range(max(3, repeats // 3) + 1):  # the first pair warms up
+        t0 = time.perf_counter()
+        step()
+        sync()
+        t1 = time.perf_counter()
+        d_unet.disable_lora()
+        step()
+        sync()
+        t2 = time.perf_counter()
+        d_unet.enable_lora()
+        pairs.append((t1 - t0, (t1 - t0) - (t2 - t1)))
+    step_unfused = statistics.median(p[0] for p in pairs[1:])
+    unfused_extra = statistics.median(p[1] for p in pairs[1:]) + set_adapters_s
     d_unet.unload_lora()
 
     figures = Figures(shape, load_fuse_s, step_fused)
@@ -221,7 +238,6 @@ def bench_model(shape: str, unet, sample_hw: tuple[int, int], files: dict[str, P
         [shape, "diffusers: unfuse+unload, load_lora_adapter+fuse_lora", ms(load_fuse_s), "1x", ms(step_fused)],
         [shape, "diffusers: set_adapters (both loaded, unfused)", ms(set_adapters_s), f"{load_fuse_s / set_adapters_s:.0f}x", ms(step_unfused)],
     ]
-    unfused_extra = step_unfused - step_fused + set_adapters_s
     figures.schedule_rows = [
         [shape, "torch: merged into the engine each step", ms(schedule_s), ms(schedule_s), "-", ms(step_fused), f"{schedule_s / step_fused:.2f}", "runs"],
         [shape, "diffusers: set_adapters each step + unfused step", ms(unfused_extra), "-", "-", ms(step_fused), f"{unfused_extra / step_fused:.2f}", "(not the server)"],
@@ -349,7 +365,7 @@ def main() -> None:
     print("## weight schedule: per-step cost of a weight that changes every step")
     print_table(["model", "engine", "overhead ms/step", "merge ms", "refit ms", "UNet step ms", "overhead / step", "server"], schedule_rows)
     print("overhead: what a scheduled weight adds to each step (torch: merged into the engine; compiled: merged into new tensors,")
-    print("then the engine's restore + refit; diffusers: set_adapters + the unfused step's extra). server: what the server does")
+    print("then the engine's restore + refit; diffusers: set_adapters + the unfused branches). server: what the server does")
     print("with such a request on that engine: refused when the engine's refit takes longer than its step (engine_router.schedule_too_slow;")
     print("the server measures both itself). Torch alone merges in place: never refused.")
 
