@@ -38,19 +38,20 @@ COMPILED_CONTEXT_LENGTH = 77
 # A weight schedule (`<lora:name:0@0,1@0.5>`, adapters[i].weight_schedule) makes a new adapter
 # set at every step, so each step pays a merge and a refit of the engine that runs it. Refused
 # when the engine's measured refit would take longer than the step itself (the request's time
-# more than doubled). benchmarks/lora_switch.py, 2-core EPYC, 1 thread, UNet at CFG batch 2, the
-# per-step merge + refit (refit alone) against the step:
-#   default model (LoRA on 100 attention/ff/conv weights, 3 MB), step 5-16 ms:
-#     torch (merged in place, no refit) 0.06x; onnxruntime 0.15x; openvino fp32 0.45x; bf16 0.47x
-#   SD 1.5 at 256x256 (LoRA on its 128 attention weights, 357 MB), step 1.4-4.2 s:
-#     torch 0.02x; onnxruntime 0.12x (refit 0.09x); openvino fp32 0.09x (0.07x); bf16 0.18x (0.14x)
-# So on these CPU engines (refit = a host memory copy) schedules run. They are refused where a
+# more than doubled). benchmarks/lora_switch.py (commit 7ce83ad; 2-core EPYC, load ~3, 1 thread,
+# UNet at CFG batch 2), per-step merge + refit (refit alone) against the step:
+#   default model, LoRA on 100 attention/ff/conv weights (3 MB), steps of 6-14 ms:
+#     torch (merged in place, no refit) 0.09x; onnxruntime 0.31x (0.12x); openvino fp32 0.42x
+#     (0.16x); openvino bf16 0.74x (0.14x)
+#   SD 1.5 UNet at 256x256, LoRA on its 128 attention weights (357 MB), steps of 1.4-3.7 s:
+#     torch 0.01x; onnxruntime 0.12x (0.09x); openvino fp32 0.11x (0.09x); bf16 0.18x (0.14x)
+# So on these CPU engines (a refit is a host memory copy) schedules run. They are refused where a
 # refit is a rebuild or a device upload and a step is short: OpenVINO's "recompile" refit mode
-# (every profile recompiled), TensorRT on a GPU (refit_cuda_engine against a step of tens of
-# ms; not measured here: no GPU). The rule compares figures measured on this server rather
-# than naming backends. An engine with no figures yet (never refitted, or never run) is let
-# through: the first request measures it. The merge (torch, ~25% of the refit on SD 1.5) is
-# not counted.
+# (every profile recompiled: ~20x the step on the default model, tested), TensorRT on a GPU
+# (refit_cuda_engine against a step of tens of ms; not measured here: no GPU). The rule compares
+# figures this server measures rather than naming backends. An engine with no figures yet
+# (never refitted, or never run) is let through: its first use measures it. The merge (torch;
+# about a quarter of the refit on SD 1.5) is not counted.
 SCHEDULE_MAX_REFIT_PER_STEP = 1.0  # refit seconds per step seconds
 _EMA = 0.3  # weight of a new measurement
 
