@@ -2,7 +2,9 @@
 
 `add_lora_commands(subparsers)` registers them under the main CLI; each handler returns an exit
 code, and errors from the library (AdapterFormatError / AdapterMismatchError) reach the user as
-one line naming the file, key or module at fault.
+one line naming the file, key or module at fault. Commands that read adapter files take
+`--model DIR` (fuse uses its model folder): cloneofsimo files cannot be placed without the
+model's module list, which is built from that folder's configs.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from .canonical import CanonicalAdapter
 from .errors import AdapterFormatError, AdapterMismatchError
 from .export import export_diffusers, export_kohya, export_peft_folder
 from .extract import extract_lora_from_folders
+from .formats.cloneofsimo import ModuleTreesNeeded
 from .fuse import fuse_into_folder
 from .inspect import describe, format_description
 from .load import load_adapter
 from .merge import merge_cat, merge_linear, merge_svd
+from .model_folder import FolderModuleTrees
 
 OUTPUT_FORMATS = ("kohya", "diffusers", "peft")
+MODEL_HELP = "diffusers model folder the adapters were trained on; cloneofsimo files need it to place their modules"
 
 
 def _adapter_arg(text: str) -> tuple[str, float]:
@@ -33,6 +38,18 @@ def _adapter_arg(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def _load(path, model_folder=None, **kw) -> CanonicalAdapter:
+    """`load_adapter` with the module trees of `model_folder` (`--model`, or fuse's model), which
+    cloneofsimo files need: their modules are numbered in the model's order, not named."""
+    try:
+        return load_adapter(path, module_trees=FolderModuleTrees(model_folder) if model_folder else None, **kw)
+    except ModuleTreesNeeded as e:
+        raise AdapterFormatError(
+            f"{path}: a cloneofsimo file numbers its modules in the base model's order instead of naming "
+            f"them; pass --model DIR, the diffusers model folder it was trained on"
+        ) from e
 
 
 def write_adapter(adapter: CanonicalAdapter, out: str | Path, fmt: str, *, overwrite: bool = False, drop_embeddings: bool = False) -> list[Path]:
@@ -55,20 +72,20 @@ def write_adapter(adapter: CanonicalAdapter, out: str | Path, fmt: str, *, overw
 
 def _cmd_inspect(args) -> int:
     for path in args.paths:
-        info = describe(load_adapter(path), path)
+        info = describe(_load(path, args.model), path)
         print(json.dumps(info, indent=2) if args.json else format_description(info, show_targets=args.targets))
     return 0
 
 
 def _cmd_convert(args) -> int:
-    adapter = load_adapter(args.input, component=args.component)
+    adapter = _load(args.input, args.model, component=args.component)
     for p in write_adapter(adapter, args.output, args.to, overwrite=args.overwrite, drop_embeddings=args.drop_embeddings):
         print(p)
     return 0
 
 
 def _cmd_merge(args) -> int:
-    items = [(load_adapter(p), w) for p, w in map(_adapter_arg, args.adapter)]
+    items = [(_load(p, args.model), w) for p, w in map(_adapter_arg, args.adapter)]
     if args.mode == "cat":
         merged = merge_cat(items)
     elif args.mode == "linear":
@@ -94,7 +111,7 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_fuse(args) -> int:
-    items = [(load_adapter(p), w) for p, w in map(_adapter_arg, args.adapter)]
+    items = [(_load(p, args.model), w) for p, w in map(_adapter_arg, args.adapter)]
     print(fuse_into_folder(args.model, items, args.output, overwrite=args.overwrite, ignore_embeddings=args.ignore_embeddings))
     return 0
 
@@ -119,6 +136,7 @@ def add_lora_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--targets", action="store_true", help="list every target module")
+    p.add_argument("--model", metavar="DIR", help=MODEL_HELP)
     p.set_defaults(func=_run(_cmd_inspect))
 
     p = sub.add_parser("convert", help="rewrite an adapter in another format")
@@ -126,6 +144,7 @@ def add_lora_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--to", choices=OUTPUT_FORMATS, required=True)
     p.add_argument("--component", help="for a PEFT folder input: unet, text_encoder or text_encoder_2")
+    p.add_argument("--model", metavar="DIR", help=MODEL_HELP)
     p.add_argument("--drop-embeddings", action="store_true", help="allow losing embeddings (diffusers/PEFT have no place for them)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run(_cmd_convert))
@@ -136,6 +155,7 @@ def add_lora_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("cat", "linear", "svd"), default="cat")
     p.add_argument("--rank", type=int, help="rank for --mode svd")
     p.add_argument("--clamp-quantile", type=float, default=None)
+    p.add_argument("--model", metavar="DIR", help=MODEL_HELP)
     p.add_argument("--to", choices=OUTPUT_FORMATS, default="kohya")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_run(_cmd_merge))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,3 +97,29 @@ def module_tree_of(folder: str | os.PathLike, component: str) -> list[tuple[str,
     else:
         raise ValueError(f"module trees are built for 'unet' and 'text_encoder' (cloneofsimo's models), not {component!r}")
     return module_tree(model)
+
+
+class FolderModuleTrees(Mapping):
+    """{"unet": tree, "text_encoder": tree} of a model folder for `load_adapter(module_trees=...)`,
+    each built on first read: only cloneofsimo files read them, and even on `meta` a UNet takes
+    a moment to build. A component the folder lacks is refused by name, not left to a KeyError
+    that the parser would report as "no module list given"."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._trees: dict[str, list[tuple[str, str, bool]]] = {}
+
+    def __getitem__(self, component: str):
+        if component not in ("unet", "text_encoder"):
+            raise KeyError(component)
+        if component not in self._trees:
+            if not (self.folder / component / "config.json").is_file():
+                raise AdapterFormatError(f"{self.folder}: no {component}/config.json to list the {component}'s modules from")
+            self._trees[component] = module_tree_of(self.folder, component)
+        return self._trees[component]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("unet", "text_encoder"))
+
+    def __len__(self) -> int:
+        return 2

@@ -28,6 +28,12 @@ NAME = "cloneofsimo"
 EMBED_FLAG = "<embed>"
 MODELS = ("unet", "text_encoder")
 
+
+class ModuleTreesNeeded(AdapterFormatError):
+    """A cloneofsimo file was parsed without the base model's module list; callers that have
+    their own way to get one (the CLI's `--model`) catch this to say so."""
+
+
 ModuleTree = Sequence[tuple[str, str, bool]]  # (qualified name, class name, is Linear or Conv2d)
 
 
@@ -39,12 +45,22 @@ def module_tree(model: torch.nn.Module) -> list[tuple[str, str, bool]]:
     ]
 
 
+# diffusers renamed its attention class `CrossAttention` to `Attention`; files trained
+# before that name `CrossAttention`, which no module of today's diffusers is called. Both names are
+# matched as one class, on the tree's side too, so a tree listed under either diffusers fits.
+CLASS_ALIASES = {"CrossAttention": "Attention"}
+
+
+def _same_class(name: str) -> str:
+    return CLASS_ALIASES.get(name, name)
+
+
 def walk_order(tree: ModuleTree, target_classes) -> list[str]:
     """Module names in the injector's order (see the module docstring)."""
-    targets = set(target_classes)
+    targets = {_same_class(c) for c in target_classes}
     out = []
     for i, (name, cls, _) in enumerate(tree):
-        if cls not in targets:
+        if _same_class(cls) not in targets:
             continue
         # named_modules() is a pre-order walk, so an ancestor's subtree is the run of entries
         # after it whose names extend its own.
@@ -87,7 +103,7 @@ def parse(state_dict, metadata, *, module_trees: Mapping[str, ModuleTree] | None
         targets = json.loads(metadata[model])
         tree = (module_trees or {}).get(model)
         if tree is None:
-            raise AdapterFormatError(
+            raise ModuleTreesNeeded(
                 f"{where}: '{model}' entries are indexed by module order; parsing needs the base "
                 f"{model}'s module list (module_trees={{'{model}': module_tree({model})}})"
             )

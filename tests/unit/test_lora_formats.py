@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from impasto.lora import AdapterFormatError, compose, detect_format, load_adapter, parse_state_dict
 from impasto.lora.formats import cloneofsimo
+from impasto.lora.files import read_safetensors
 from impasto.lora.formats._common import pattern_key
 
 
@@ -134,6 +135,19 @@ def test_cloneofsimo_file_matches_peft(tmp_path):
     small = {"unet": trees["unet"][: len(trees["unet"]) // 2], "text_encoder": trees["text_encoder"]}
     with pytest.raises(AdapterFormatError, match="another architecture"):
         load_adapter(path, module_trees=small)
+
+
+def test_cloneofsimo_crossattention_is_attention(tmp_path):
+    """Files from before diffusers renamed `CrossAttention` to `Attention` name the old class."""
+    b = bundle()
+    path, ref = b.write_cloneofsimo(tmp_path / "c.safetensors")
+    tensors, meta = read_safetensors(path)
+    assert json.loads(meta["unet"]) == ["Attention", "GEGLU"]
+    meta["unet"] = json.dumps(["CrossAttention", "GEGLU"])
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    trees = {"unet": cloneofsimo.module_tree(b.unet), "text_encoder": cloneofsimo.module_tree(b.te)}
+    adapter = load_adapter(tmp_path / "old.safetensors", module_trees=trees)
+    assert_deltas_close(compose([(adapter, 1.0)], named_weight_shapes=b.named_weight_shapes()), ref)
 
 
 def test_same_adapter_same_content_hash_across_formats(tmp_path):

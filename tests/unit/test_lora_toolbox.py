@@ -139,3 +139,20 @@ def test_cli_convert_merge_inspect_extract_fuse(tmp_path, capsys):
     torch.save({}, tmp_path / "bad.pt")
     assert main(["lora", "inspect", str(tmp_path / "bad.pt")]) == 2
     assert "pickle checkpoints are refused" in capsys.readouterr().err
+
+
+def test_cli_reads_cloneofsimo_files_with_model(tmp_path, capsys):
+    """cloneofsimo files number their modules in the model's order: the CLI lists the modules of
+    `--model`'s configs, and without it says to pass it."""
+    b = bundle()
+    src, ref = b.write_cloneofsimo(tmp_path / "c.safetensors")
+    base = _model_folder(b, tmp_path / "base")
+    capsys.readouterr()
+    assert main(["lora", "inspect", str(src)]) == 2
+    assert "pass --model DIR" in capsys.readouterr().err
+    assert main(["lora", "inspect", str(src), "--json", "--model", str(base)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "cloneofsimo" and info["num_targets"] == len(ref)
+    out = tmp_path / "k.safetensors"
+    assert main(["lora", "convert", str(src), str(out), "--to", "kohya", "--model", str(base)]) == 0
+    assert_deltas_close(deltas(load_adapter(out), b), ref)
