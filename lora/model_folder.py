@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import SimpleNamespace
@@ -107,16 +108,18 @@ class FolderModuleTrees(Mapping):
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self._trees: dict[str, list[tuple[str, str, bool]]] = {}
+        self._trees: dict[str, tuple[tuple[str, str, bool], ...]] = {}
+        self._lock = threading.Lock()  # the server parses uploads on several threads
 
     def __getitem__(self, component: str):
         if component not in ("unet", "text_encoder"):
             raise KeyError(component)
-        if component not in self._trees:
-            if not (self.folder / component / "config.json").is_file():
-                raise AdapterFormatError(f"{self.folder}: no {component}/config.json to list the {component}'s modules from")
-            self._trees[component] = module_tree_of(self.folder, component)
-        return self._trees[component]
+        with self._lock:
+            if component not in self._trees:
+                if not (self.folder / component / "config.json").is_file():
+                    raise AdapterFormatError(f"{self.folder}: no {component}/config.json to list the {component}'s modules from")
+                self._trees[component] = tuple(module_tree_of(self.folder, component))
+            return self._trees[component]
 
     def __iter__(self) -> Iterator[str]:
         return iter(("unet", "text_encoder"))

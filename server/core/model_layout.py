@@ -16,40 +16,16 @@ for SD 1.5, never a tensor.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
-from impasto.lora.formats.cloneofsimo import MODELS as CLONEOFSIMO_COMPONENTS
-from impasto.lora.model_folder import module_tree_of, unet_config_of
-
-
-class LazyModuleTrees(Mapping):
-    """{"unet": tree, "text_encoder": tree} of one model folder, each built when first read."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._trees: dict[str, tuple[tuple[str, str, bool], ...]] = {}
-        self._lock = threading.Lock()
-
-    def __getitem__(self, component: str):
-        if component not in CLONEOFSIMO_COMPONENTS:
-            raise KeyError(component)
-        with self._lock:
-            if component not in self._trees:
-                self._trees[component] = tuple(module_tree_of(self.folder, component))
-            return self._trees[component]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(CLONEOFSIMO_COMPONENTS)
-
-    def __len__(self) -> int:
-        return len(CLONEOFSIMO_COMPONENTS)
+from impasto.lora.model_folder import FolderModuleTrees, unet_config_of
 
 
 class ModelLayout:
     def __init__(self, folder: Path):
         self.unet_config = unet_config_of(folder)
-        self.module_trees = LazyModuleTrees(folder)
+        self.module_trees = FolderModuleTrees(folder)
 
     def parse_context(self) -> dict:
         """The keyword arguments `impasto.lora.load_adapter` takes for this model."""
