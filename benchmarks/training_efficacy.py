@@ -18,9 +18,10 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    "a <pink> <shape>"; bar: >= 70% of "a <pink> <shape>" images judged pink.
 4. Textual inversion and pivotal tuning of the held-out shape, beside DreamBooth-LoRA:
    pivotal tuning should be at least as good as either alone. Pivotal tuning runs --ti-steps of
-   textual inversion, then --steps of LoRA: each phase as long as the method alone. It has no
-   prior preservation (cloneofsimo's lora_pti has none), so "alone" is textual inversion and
-   LoRA without prior (`noprior`); DreamBooth with prior is printed beside it.
+   textual inversion, then --steps of LoRA: each phase as long as the method alone. There is no
+   prior preservation in cloneofsimo's lora_pti; `pivotal` (no prior) is compared with textual
+   inversion and LoRA without prior (`noprior`), `pivotal_prior` (its LoRA phase with the
+   class images, as diffusers' advanced DreamBooth-LoRA script) with DreamBooth-LoRA.
 5. (`--only served`) The same DreamBooth-LoRA as a server job over gRPC: UploadDataset,
    StartTraining (class images from the server's own step loop), WatchJob, then Generate with
    `<lora:name:1>` through the server; the served images are judged. Wall time end to end.
@@ -47,7 +48,7 @@ from bench_common import print_header, print_table  # noqa: E402
 
 from impasto.models import DEFAULT_SETTINGS, default_model_path  # noqa: E402
 from impasto.models.judge import judge  # noqa: E402
-from impasto.models.shapes import HELD_OUT_COLOUR, HELD_OUT_SHAPE, MAX_RADIUS, MIN_RADIUS, SEEN_COLOURS, SEEN_SHAPES, Scene, render  # noqa: E402
+from impasto.models.shapes import HELD_OUT_COLOUR, HELD_OUT_SHAPE, MAX_RADIUS, MIN_RADIUS, SEEN_SHAPES, Scene, render  # noqa: E402
 from impasto.training import dreambooth, pivotal_tuning, textual_inversion  # noqa: E402
 from impasto.training.core import load_components, sample_images  # noqa: E402
 
@@ -135,7 +136,6 @@ def served_dreambooth(args, star_data: Path, seeds: list[int]) -> list[object]:
     from impasto.rpc.app import ImpastoServer
     from impasto_client import Image as ImageEvent
     from impasto_client import ImpastoClient
-    from impasto_client.training import JobStatus, TrainingProgress
 
     data_dir = Path(tempfile.mkdtemp(prefix="impasto-efficacy-server-"))
     config = load_config(None, port=0, data_dir=data_dir, include_embedded_model=True)
@@ -164,15 +164,13 @@ def served_dreambooth(args, star_data: Path, seeds: list[int]) -> list[object]:
                 unet_lr=args.unet_lr, seed=0, conv=args.conv, train_text_encoder=args.train_text_encoder,
                 text_encoder_lr=args.text_encoder_lr if args.train_text_encoder else None, prior_loss_weight=args.prior_loss_weight,
             )  # fmt: skip
-            last = None
-            for event in client.watch_job(job):
-                if isinstance(event, (JobStatus, TrainingProgress)):
-                    last = event
+            for _ in client.watch_job(job):  # to the job's end
+                pass
             wall = time.perf_counter() - t0
             status = client.get_job(job)
             if status.state != "succeeded":
                 return ["DreamBooth-LoRA (served job)", status.step, f"{wall:.0f}s", args.rank, "-", f"job {status.state}: {status.message}", "", ""]
-            prompts, judged, images = [], [], []
+            judged, images = [], []
             # The seeds of the in-process evaluation (generate()): the same noise per image.
             for seed in seeds:
                 for k, colour in enumerate(EVAL_COLOURS):
@@ -208,10 +206,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--base-seeds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="comma list of: dreambooth,noprior,ti_colour,ti_shape,pivotal,served")
+    parser.add_argument("--only", default="", help="comma list of: dreambooth,noprior,ti_colour,ti_shape,pivotal,pivotal_prior,served")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    only = set(args.only.split(",")) if args.only else {"dreambooth", "noprior", "ti_colour", "ti_shape", "pivotal"}
+    only = set(args.only.split(",")) if args.only else {"dreambooth", "noprior", "ti_colour", "ti_shape", "pivotal", "pivotal_prior"}
     seeds = list(range(args.seeds))
     base_seeds = list(range(100, 100 + args.base_seeds))
     work = Path(tempfile.mkdtemp(prefix="impasto-efficacy-"))
@@ -302,32 +300,39 @@ def main() -> None:
         print("served: DreamBooth-LoRA as a server job over gRPC", flush=True)
         rows.append(served_dreambooth(args, star_data, seeds))
 
-    if "pivotal" in only:
-        print("pivotal: textual inversion then LoRA, the held-out shape", flush=True)
+    for name, prior in (("pivotal", False), ("pivotal_prior", True)):
+        if name not in only:
+            continue
+        print(f"{name}: textual inversion then LoRA, the held-out shape; prior preservation {'on' if prior else 'off'}", flush=True)
         cfg = pivotal_tuning.PivotalTuningConfig(
             model_dir=args.model, dataset=str(star_data), token="<sks>", initializer_token="shape", num_steps=args.ti_steps + args.steps,
             embedding_steps=args.ti_steps, batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, embedding_lr=args.embedding_lr,
             seed=0, conv=args.conv, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
+            class_prompt=args.class_prompt if prior else "", class_dir=str(work / "class") if prior else "",
+            num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight if prior else 0.0,
         )  # fmt: skip
+        if prior:
+            dreambooth.ensure_class_images(cfg, class_image_generator(args.model))
         tuner = pivotal_tuning.build(cfg)
-        history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8)
+        history, seconds, reached = train_and_track(
+            tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8,
+            side=lambda t: f"base classes {base_classes_rate(t.parts, base_seeds, t.embeddings):.0%}" if t.step > args.ti_steps else "embedding phase",
+        )  # fmt: skip
         shape_rate, pair_rate = star_rate(tuner, tuner.embeddings, "<sks>")
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
-        results["pivotal"] = shape_rate
+        results[name] = shape_rate
         rows.append([
-            "Pivotal tuning (star, no prior)", tuner.step, f"{seconds:.0f}s", args.rank, "-", f"{shape_rate:.0%} star ({pair_rate:.0%} star+colour)",
+            f"Pivotal tuning (star, {'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, "-", f"{shape_rate:.0%} star ({pair_rate:.0%} star+colour)",
             f"{base_rate:.0%} -> {after:.0%} ({(after - base_rate) * 100:+.0f} pts)", f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip
 
     print()
     print_table(["method", "steps", "train time", "rank", "kohya file", "concept hit rate", "base classes", "bar reached at"], rows)
-    if "pivotal" in results:
-        alone = {k: results[k] for k in ("noprior", "ti_shape") if k in results}
-        print(
-            f"pivotal tuning {results['pivotal']:.0%} vs each alone: "
-            + ", ".join(f"{k} {v:.0%}" for k, v in alone.items())
-            + (f" (DreamBooth with prior: {results['dreambooth']:.0%})" if "dreambooth" in results else "")
-        )
+    # Like against like: pivotal tuning against LoRA with the same prior setting, and textual inversion.
+    for pivotal, lora in (("pivotal", "noprior"), ("pivotal_prior", "dreambooth")):
+        if pivotal in results:
+            alone = {k: results[k] for k in (lora, "ti_shape") if k in results}
+            print(f"{pivotal} {results[pivotal]:.0%} vs each alone: " + ", ".join(f"{k} {v:.0%}" for k, v in alone.items()))
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--conv", action="store_true", help="LoCon: also the ResNet convolutions")
     train.add_argument("--unet-lr", type=float)
     train.add_argument("--text-encoder-lr", type=float)
-    train.add_argument("--class-prompt", default="", help="DreamBooth prior preservation, e.g. 'a shape'; '[filewords]' = each caption without the token")
+    train.add_argument("--class-prompt", default="", help="prior preservation (DreamBooth-LoRA, pivotal tuning), e.g. 'a shape'; '[filewords]' = each caption without the token")
     train.add_argument("--num-class-images", type=int, default=0)
     train.add_argument("--prior-loss-weight", type=float)
     train.add_argument("--token", default="", help="textual inversion / pivotal tuning: the new token, e.g. '<pink>'")

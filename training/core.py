@@ -270,6 +270,10 @@ class Phase:
     trains_text_encoder: bool  # text-encoder LoRA or token rows: encode captions with gradients
     embeddings: TokenEmbeddings | None = None  # rows to keep to themselves in this phase
     on_start: Callable[[], None] | None = None
+    # Class images in this phase's batches (when the tuner has them). Pivotal tuning's
+    # embedding phase leaves them out: their captions hold no new token, so they would
+    # double the step's cost for a gradient of zero.
+    uses_prior: bool = True
 
 
 @dataclass
@@ -407,7 +411,7 @@ class FineTuner:
         idx = self.instance.draw(bs, gen)
         latents = self.instance.sample(idx, gen)
         captions = [self.instance_captions[i] for i in idx]
-        if self.classes is not None:
+        if self.classes is not None and phase.uses_prior:
             # One UNet call for both halves needs one latent size: class images of the
             # instance batch's size (they are made at the model's size; buckets train alone).
             cidx = self.classes.draw(bs, gen)

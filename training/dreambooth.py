@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from .core import BaseComponents, FineTuner, Phase, load_components
-from .data import IMAGE_SUFFIXES, dataset_captions, load_dataset
+from .data import IMAGE_SUFFIXES, Example, centre_crop_resize, dataset_captions, load_dataset, pixels_of
 from .lora_trainer import LoraTrainConfig, add_lora, optim_config
 
 # prompt, number of images, first seed -> uint8 (H, W, 3) arrays
@@ -112,6 +112,26 @@ def ensure_class_images(cfg: DreamBoothConfig, generate: ClassImageGenerator, ba
     return class_image_files(folder)[: cfg.num_class_images]
 
 
+def load_class_examples(cfg, resolution: int) -> list[Example]:
+    """The class images of `cfg.class_dir` as training examples, each with its own prompt.
+    `cfg`: any config with the class fields (DreamBoothConfig, or PivotalTuningConfig with a prior)."""
+    files = class_image_files(Path(cfg.class_dir))[: cfg.num_class_images]
+    if not files:
+        raise ValueError(f"no class images in {cfg.class_dir}; run ensure_class_images first")
+    examples = []
+    for f in files:
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            if im.size != (resolution, resolution):
+                im = centre_crop_resize(im, resolution)
+            # Each image's own prompt ([filewords] makes several); older class folders
+            # have none beside the images, and were all drawn with the class prompt.
+            caption_file = f.with_suffix(".txt")
+            caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else cfg.class_prompt
+            examples.append(Example(pixels_of(im), caption, None, f.name))
+    return examples
+
+
 def build(cfg: DreamBoothConfig, parts: BaseComponents | None = None) -> FineTuner:
     cfg.validate()
     parts = parts or load_components(cfg.model_dir)
@@ -120,24 +140,7 @@ def build(cfg: DreamBoothConfig, parts: BaseComponents | None = None) -> FineTun
     data = load_dataset(
         Path(cfg.dataset), resolution=parts.resolution, default_caption=cfg.instance_prompt, token=cfg.token, want_masks=cfg.masked_loss
     )
-    class_examples = None
-    if cfg.prior_loss_weight > 0:
-        files = class_image_files(Path(cfg.class_dir))[: cfg.num_class_images]
-        if not files:
-            raise ValueError(f"no class images in {cfg.class_dir}; run ensure_class_images first")
-        from .data import Example, centre_crop_resize, pixels_of
-
-        class_examples = []
-        for f in files:
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                if im.size != (parts.resolution, parts.resolution):
-                    im = centre_crop_resize(im, parts.resolution)
-                # Each image's own prompt ([filewords] makes several); older class folders
-                # have none beside the images, and were all drawn with the class prompt.
-                caption_file = f.with_suffix(".txt")
-                caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else cfg.class_prompt
-                class_examples.append(Example(pixels_of(im), caption, None, f.name))
+    class_examples = load_class_examples(cfg, parts.resolution) if cfg.prior_loss_weight > 0 else None
     groups, modules = add_lora(cfg, parts)
     phase = Phase("dreambooth", cfg.num_steps, groups, trains_text_encoder=cfg.train_text_encoder)
     tuner = FineTuner(

@@ -6,6 +6,13 @@ held fixed, saved as one adapter holding both the LoRA modules and the token's v
 
 Finding the token first gives the LoRA a "pivot" in the text space that already points at
 the concept, so the LoRA needs to move the UNet less (and forgets less).
+
+Prior preservation is optional, as in diffusers' advanced DreamBooth-LoRA script (its
+--train_text_encoder_ti with --with_prior_preservation): the same class fields as DreamBooth
+(class images made by `dreambooth.ensure_class_images`), used in the LoRA phase only.
+Measured on the embedded shapes model (400 + 300 steps, rank 8, LoCon): 91% of "a <sks> shape"
+images judged a star with the base classes at 77%, where DreamBooth-LoRA alone had 84% and 22%
+at a similar star rate (benchmarks/training_efficacy.py, `pivotal_prior`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .core import BaseComponents, FineTuner, OptimConfig, Phase, load_components
+from .dreambooth import load_class_examples
 from .lora_trainer import LoraTrainConfig, add_lora
 from .textual_inversion import add_token, load_token_dataset
 
@@ -23,11 +31,19 @@ class PivotalTuningConfig(LoraTrainConfig):
     num_vectors: int = 1
     embedding_steps: int = 0  # 0: half of num_steps
     embedding_lr: float = 5e-2
+    # Prior preservation (off unless prior_loss_weight > 0): see dreambooth.py.
+    class_prompt: str = ""
+    class_dir: str = ""
+    num_class_images: int = 50
+    prior_loss_weight: float = 0.0
+    class_seed: int = 10_000
 
     def validate(self) -> None:
         super().validate()
         if not self.token or not self.initializer_token:
             raise ValueError("pivotal tuning needs token and initializer_token")
+        if self.prior_loss_weight > 0 and not (self.class_prompt and self.class_dir):
+            raise ValueError("prior preservation needs class_prompt and class_dir (or prior_loss_weight = 0)")
 
     @property
     def phase_steps(self) -> tuple[int, int]:
@@ -46,10 +62,14 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
     ti_steps, lora_steps = cfg.phase_steps
     phases = [
         # No weight decay on the vectors, as in textual inversion: it pulls them toward zero.
-        Phase("embedding", ti_steps, [{"params": embeddings.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0}], True, embeddings),
+        Phase("embedding", ti_steps, [{"params": embeddings.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0}], True, embeddings, uses_prior=False),
         Phase("lora", lora_steps, lora_groups, trains_text_encoder=cfg.train_text_encoder, on_start=embeddings.freeze),
     ]
     optim = OptimConfig(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, snr_gamma=cfg.snr_gamma, seed=cfg.seed)
-    tuner = FineTuner(parts, data.examples, phases, optim, masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings)
+    class_examples = load_class_examples(cfg, parts.resolution) if cfg.prior_loss_weight > 0 else None
+    tuner = FineTuner(
+        parts, data.examples, phases, optim, class_examples=class_examples, prior_loss_weight=cfg.prior_loss_weight,
+        masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings,
+    )  # fmt: skip
     tuner.skipped = data.skipped
     return tuner

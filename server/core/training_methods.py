@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import InvalidArgument
 
 METHODS = ("lora", "dreambooth_lora", "textual_inversion", "pivotal_tuning")
+PRIOR_METHODS = ("dreambooth_lora", "pivotal_tuning")  # the methods that take class images (prior preservation)
 DEFAULT_STEPS = {"lora": 300, "dreambooth_lora": 300, "textual_inversion": 300, "pivotal_tuning": 400}
 MAX_STEPS = 100_000
 MAX_BATCH = 64
@@ -72,7 +73,7 @@ class TrainingSpec:
 
     @property
     def uses_prior_preservation(self) -> bool:
-        return self.method == "dreambooth_lora" and bool(self.class_prompt) and (self.prior_loss_weight is None or self.prior_loss_weight > 0)
+        return self.method in PRIOR_METHODS and bool(self.class_prompt) and (self.prior_loss_weight is None or self.prior_loss_weight > 0)
 
     def sample_prompt_list(self) -> list[str]:
         prompts = list(self.sample_prompts) or [self.instance_prompt]
@@ -108,6 +109,25 @@ def validate_spec(spec: TrainingSpec) -> None:
             raise InvalidArgument("textual_inversion.embedding_steps", f"must be below num_steps ({spec.resolved_steps})")
     if spec.masked_loss and spec.method not in METHODS:
         raise InvalidArgument("masked_loss", "not supported by this method")
+
+
+def _prior_fields(spec: TrainingSpec, job_dir: Path) -> dict:
+    """DreamBooth's class fields (dreambooth.DreamBoothConfig, pivotal_tuning.PivotalTuningConfig)."""
+    return dict(
+        class_prompt=spec.class_prompt,
+        class_dir=str(job_dir / "class_images"),
+        num_class_images=spec.num_class_images or 50,
+        prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.class_prompt else 0.0,
+    )
+
+
+def _ensure_class_images(cfg, class_images) -> None:
+    from impasto.training import dreambooth
+
+    if cfg.prior_loss_weight > 0:
+        if class_images is None:
+            raise RuntimeError("prior preservation needs a class-image generator")
+        dreambooth.ensure_class_images(cfg, class_images)
 
 
 def _lora_fields(spec: TrainingSpec, seed: int) -> dict:
@@ -147,18 +167,8 @@ def build_trainer(
     if spec.method == "lora":
         return lora_trainer.build(lora_trainer.LoraTrainConfig(**base, **_lora_fields(spec, seed)), parts)
     if spec.method == "dreambooth_lora":
-        cfg = dreambooth.DreamBoothConfig(
-            **base,
-            **_lora_fields(spec, seed),
-            class_prompt=spec.class_prompt,
-            class_dir=str(job_dir / "class_images"),
-            num_class_images=spec.num_class_images or 50,
-            prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.class_prompt else 0.0,
-        )
-        if cfg.prior_loss_weight > 0:
-            if class_images is None:
-                raise RuntimeError("prior preservation needs a class-image generator")
-            dreambooth.ensure_class_images(cfg, class_images)
+        cfg = dreambooth.DreamBoothConfig(**base, **_lora_fields(spec, seed), **_prior_fields(spec, job_dir))
+        _ensure_class_images(cfg, class_images)
         return dreambooth.build(cfg, parts)
     if spec.method == "textual_inversion":
         cfg = textual_inversion.TextualInversionConfig(
@@ -182,8 +192,10 @@ def build_trainer(
             initializer_token=spec.initializer_token,
             num_vectors=spec.num_vectors or 1,
             embedding_steps=spec.embedding_steps,
+            **_prior_fields(spec, job_dir),
         )
         if spec.embedding_lr is not None:
             cfg.embedding_lr = spec.embedding_lr
+        _ensure_class_images(cfg, class_images)
         return pivotal_tuning.build(cfg, parts)
     raise InvalidArgument("method", f"must be one of {', '.join(METHODS)}")

@@ -81,15 +81,22 @@ def test_jobs_run_one_at_a_time_and_cancel(tmp_path):
             assert "long" not in [a.name for a in client.list_adapters()]
 
 
-def test_dreambooth_class_images_come_from_the_server_and_serving_goes_on(tmp_path):
+@pytest.mark.parametrize("method", ["dreambooth_lora", "pivotal_tuning"])
+def test_prior_class_images_come_from_the_server_and_serving_goes_on(tmp_path, method):
     data = tmp_path / "data"
     name = dataset(data)
+    # Pivotal tuning's captions name its new token; DreamBooth binds a word the tokenizer has.
+    token = dict(token="<sks>", initializer_token="shape", embedding_steps=2) if method == "pivotal_tuning" else {}
+    instance_prompt = "a {token} shape" if token else "a sks shape"
+    if token:
+        name = "token-stars"
+        write_shapes(data / "datasets" / name, [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
     with running_server(data_dir=data) as server:
         with ImpastoClient(server.target) as client:
             job_id = client.start_training(
-                "dreambooth_lora", dataset=name, adapter_name="db", instance_prompt="a sks shape", class_prompt="a shape",
-                num_class_images=2, num_steps=4, batch_size=1, rank=1, seed=2,
-            )
+                method, dataset=name, adapter_name="db", instance_prompt=instance_prompt, class_prompt="a shape",
+                num_class_images=2, num_steps=4, batch_size=1, rank=1, seed=2, **token,
+            )  # fmt: skip
             # A Generate while the job runs is served (it goes first between training steps).
             images = [e for e in client.generate("a red circle", seed=1, num_steps=3) if isinstance(e, Image)]
             assert len(images) == 1

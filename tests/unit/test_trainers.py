@@ -215,6 +215,31 @@ def test_pivotal_tuning_embeddings_then_lora_in_one_adapter(tmp_path):
     assert back.content_hash == adapter.content_hash  # one file holds both
 
 
+def test_pivotal_tuning_with_prior_uses_class_images_in_the_lora_phase_only(tmp_path):
+    """Class images' captions hold no new token: in the embedding phase they would cost a UNet
+    half for a zero gradient, so only the LoRA phase draws them (diffusers' advanced
+    DreamBooth-LoRA script trains its tokens with the prior on; ours keeps them apart)."""
+    parts = load_components(tiny_model_dir())
+    cfg = pivotal_tuning.PivotalTuningConfig(
+        **{**lora_config(num_steps=4).__dict__, "token": "<sks>"}, initializer_token="star", embedding_steps=2,
+        class_prompt="a shape", class_dir=str(tmp_path / "class"), num_class_images=3, prior_loss_weight=0.5,
+    )  # fmt: skip
+    dreambooth.ensure_class_images(cfg, render_class_images)
+    tuner = pivotal_tuning.build(cfg, parts)
+    assert tuner.classes is not None and tuner.prior_loss_weight == 0.5
+    batch_sizes = []
+    hook = parts.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(len(args[0])))
+    phases = [tuner.train_step().phase for _ in range(4)]
+    hook.remove()
+    assert phases == ["embedding"] * 2 + ["lora"] * 2
+    assert batch_sizes == [2, 2, 4, 4]  # batch_size 2, plus 2 class images in the LoRA phase
+
+
+def test_pivotal_prior_needs_the_class_fields():
+    with pytest.raises(ValueError, match="class_prompt and class_dir"):
+        pivotal_tuning.PivotalTuningConfig(**{**lora_config().__dict__, "token": "<sks>"}, initializer_token="star", prior_loss_weight=1.0).validate()
+
+
 def test_checkpoint_resumes_exactly():
     straight = lora_trainer.build(lora_config(num_steps=6))
     for _ in range(6):
