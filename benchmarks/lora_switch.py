@@ -25,8 +25,14 @@ What a "switch" is on each side (from adapter A applied to adapter B applied):
   into the engine's parameters (`merge_into` through `TorchUNet.refit_in_place`: one addmm per
   weight from the pristine base, no merged tensors, no copy);
 - ours, cache miss, kept: a cache with room that does not hold B (cleared before each switch),
-  B used before: B's merged weights are built as new tensors, put in the cache, and copied in
-  by refit: a set's second use.
+  B used before: a set's second use. B's merged weights are computed in the engine (as above),
+  then each copied out to a new tensor for the cache. What it costs over the first use is that
+  copy, into new memory: a page fault per 4 KiB (SD 1.5's 357 MB on one thread: ~125 ms, against
+  ~25 ms into memory in use), unless the allocator hands back the memory the cleared entry just
+  freed, so this row varies from run to run (SD 1.5, 1 thread: 66 to 220 ms);
+- ours, cache miss, kept, cache full: a cache that holds one set, so each switch evicts the
+  other (the steady state of a full cache): the same, but the copies go into the evicted
+  entry's tensors (nothing else holds them), so no new memory: about first use + one copy.
 The torch rows drive the bare torch engine. The server wraps it in the engine router, which
 passes `refit_in_place` through when torch is the only engine.
 - compiled backends (onnxruntime, OpenVINO; TensorRT where there is an NVIDIA GPU): the server's
@@ -145,8 +151,9 @@ def bench_model(shape: str, unet, sample_hw: tuple[int, int], files: dict[str, P
     # --- ours --- (the engine wraps `unet` itself; restore() hands it back bit-exact for diffusers)
     engine = TorchUNet(unet, device=device)
     ours = {}
-    for name, cache_bytes in (("cached", 1 << 40), ("uncached", 0), ("kept", 1 << 40)):
-        state = EngineAdapters(engine, "unet", DeltaCache(cache_bytes), "bench")
+    one_set = 0  # bytes of one set's merged weights (A and B target the same weights)
+    for name, cache_bytes in (("cached", 1 << 40), ("uncached", 0), ("kept", 1 << 40), ("kept_full", None)):
+        state = EngineAdapters(engine, "unet", DeltaCache(one_set if cache_bytes is None else cache_bytes), "bench")
         flip = {"next": "a"}
 
         def switch():
@@ -159,6 +166,8 @@ def bench_model(shape: str, unet, sample_hw: tuple[int, int], files: dict[str, P
             switch()
             switch()
         ours[name] = timed(switch, repeats, sync)
+        if name == "cached":
+            one_set = state.cache.nbytes // 2
         state.apply([])
 
     # --- a weight schedule: a new weight each step, merged into the engine, not kept ---
@@ -235,6 +244,7 @@ def bench_model(shape: str, unet, sample_hw: tuple[int, int], files: dict[str, P
         [shape, "ours: refit, merged weights cached", ms(ours["cached"]), f"{load_fuse_s / ours['cached']:.0f}x", ms(step_fused)],
         [shape, "ours: refit, composed in the engine (first use)", ms(ours["uncached"]), f"{load_fuse_s / ours['uncached']:.0f}x", ms(step_fused)],
         [shape, "ours: refit, composed and kept (second use)", ms(ours["kept"]), f"{load_fuse_s / ours['kept']:.0f}x", ms(step_fused)],
+        [shape, "ours: refit, composed and kept, cache full", ms(ours["kept_full"]), f"{load_fuse_s / ours['kept_full']:.0f}x", ms(step_fused)],
         [shape, "diffusers: unfuse+unload, load_lora_adapter+fuse_lora", ms(load_fuse_s), "1x", ms(step_fused)],
         [shape, "diffusers: set_adapters (both loaded, unfused)", ms(set_adapters_s), f"{load_fuse_s / set_adapters_s:.0f}x", ms(step_unfused)],
     ]

@@ -175,6 +175,19 @@ class DeltaCache:
             self._entries[key] = (deltas, size)
             self._bytes += size
 
+    def make_room(self, nbytes: int) -> list[dict[str, torch.Tensor]]:
+        """Evict least recently used entries until a result of `nbytes` fits beside the rest, as
+        `put` would; return the evicted entries, so that a caller about to `put` can reuse their
+        tensors as buffers (a tensor someone else still holds must not be written)."""
+        evicted = []
+        with self._lock:
+            while self._entries and self._bytes + nbytes > self.max_bytes:
+                _, (deltas, old) = self._entries.popitem(last=False)
+                self._bytes -= old
+                self.stats.evictions += 1
+                evicted.append(deltas)
+        return evicted
+
     def get_or_compose(self, items: AdapterSet, *, base_id: str = "", dtype=torch.float32, device="cpu", **compose_kwargs):
         """Cached `compose(items, dtype=dtype, device=device, **compose_kwargs)`.
 

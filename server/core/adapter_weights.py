@@ -10,7 +10,9 @@ For one engine (`EngineAdapters`):
   pristine base (never from the current, refitted values) by `impasto.lora.compose.merge_into`
   (compose's formula, matching and order; one addmm per pair; fp32, non-fp32 cast once), and
   kept in a byte-bounded LRU (`DeltaCache`) keyed by the set's content hashes and weights. So
-  refitting A, then B, then A passes A's bytes again: A's image, bit for bit;
+  refitting A, then B, then A passes A's bytes again: A's image, bit for bit. On an engine with
+  `refit_in_place` a set to keep is computed in the engine and copied out to its entry (into
+  evicted entries' tensors that nothing else holds, when there are some: no new memory);
 - a set that is not kept (a weight schedule's, or larger than the cache) is computed straight
   into an engine that offers `refit_in_place` (the torch engine): the same `merge_into`, so the
   same bits, without building merged tensors and copying them in;
@@ -33,6 +35,7 @@ embeddings ignore the multiplier) and diffusers (`set_adapters` does not touch e
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -79,8 +82,9 @@ class EngineAdapters:
         self._base: dict[str, torch.Tensor] = {}  # pristine copies of the weights this object refits
         self.num_switches = 0
         # Sets used before, by key (bounded). A set is kept in the cache from its second use on:
-        # keeping costs fresh memory (on SD 1.5, ~4x the in-engine write), which a set used once
-        # never earns back, and one-off sets would evict the ones that recur (a doorkeeper, as
+        # keeping costs a copy out of the engine (on SD 1.5, ~1.5x the in-engine write with a
+        # full cache, whose evicted tensors are reused; up to ~4x into new memory), which a set
+        # used once never earns back, and one-off sets would evict the ones that recur (a doorkeeper, as
         # in TinyLFU's admission).
         self._seen: OrderedDict[tuple, None] = OrderedDict()
 
@@ -123,9 +127,21 @@ class EngineAdapters:
         if merged is None:
             plan = self._plan(items)
             keep = keep and self._used_before(key)
-            if self._writes_in_place and not (keep and self.cache.fits(self._nbytes(plan))):
-                # Not kept: no merged tensors at all, the engine's own weights are computed.
-                self._merge_in_engine(plan)
+            if self._writes_in_place:
+                if keep and self.cache.fits(self._nbytes(plan)):
+                    # Kept: computed in the engine (the first use's path), then each weight
+                    # copied out to the cache entry. The copies go into the tensors of the
+                    # entries evicted to make room when nothing else holds them (a full cache,
+                    # the steady state): no new memory. New memory costs a page fault per 4 KiB:
+                    # SD 1.5, 128 targets, 357 MB, 1 thread: a copy ~24 ms into memory in use,
+                    # ~125 ms into new memory. benchmarks/lora_switch.py, full cache: 175 ms
+                    # before (entry built as new tensors, then refitted), 63-101 ms now (merge
+                    # in the engine 50-68 ms + one copy).
+                    spare = _unshared_buffers(self.cache.make_room(self._nbytes(plan)))
+                    self.cache.put(key, self._merge_in_engine(plan, copy_out=True, spare=spare))
+                else:
+                    # Not kept: no merged tensors at all, the engine's own weights are computed.
+                    self._merge_in_engine(plan)
                 return
             merged = self._merge(plan)
             if keep:
@@ -195,14 +211,53 @@ class EngineAdapters:
         base = self._base_values(plan)
         return {name: merge_into(torch.empty_like(base[name], memory_format=torch.contiguous_format), base[name], terms) for name, terms in plan.items()}
 
-    def _merge_in_engine(self, plan: Mapping[str, list[tuple[LoraModule, float]]]) -> None:
+    def _merge_in_engine(self, plan: Mapping[str, list[tuple[LoraModule, float]]], *, copy_out: bool = False, spare=None) -> dict[str, torch.Tensor] | None:
         """The same values as `_merge` (the same `merge_into`, bit for bit), computed straight
         into the engine's parameters: no merged tensors to allocate and copy in. Weights the last
         set changed and this one does not are written back to the base in the same call (no
-        full restore)."""
+        full restore). `copy_out`: also return a copy of each merged weight (to keep), taken
+        right after it is written, while it is still in the CPU's caches: what the engine runs,
+        so a cached A refitted later gives A's bits again. `spare`: {(shape, dtype, device):
+        [tensors]} to copy into before allocating (`_unshared_buffers`)."""
         leftover = sorted(self._touched - plan.keys())
-        self.engine.refit_in_place([*plan, *leftover], lambda name, param, pristine: merge_into(param, pristine, plan.get(name, ())))
+        merged: dict[str, torch.Tensor] = {}
+
+        def write(name, param, pristine):
+            merge_into(param, pristine, plan.get(name, ()))
+            if copy_out and name in plan:
+                reuse = (spare or {}).get((tuple(param.shape), param.dtype, param.device))
+                merged[name] = reuse.pop().copy_(param) if reuse else param.clone(memory_format=torch.contiguous_format)
+
+        self.engine.refit_in_place([*plan, *leftover], write)
         self._touched = set(plan)
+        return {name: merged[name] for name in plan} if copy_out else None
+
+
+def _unshared_buffers(entries: list[dict[str, torch.Tensor]]) -> dict[tuple, list[torch.Tensor]]:
+    """The contiguous tensors of evicted cache entries that nothing else refers to, by (shape,
+    dtype, device): safe to overwrite. A tensor handed out before may still be held (the engine
+    router keeps refitted values for its compiled engines, a caller of `get_or_compose` may keep
+    its result, a view or numpy array may share the storage): the Python object's references and
+    the storage's users tell, and such a tensor is left alone (freed when its holder drops it)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return {}
+
+    def users(t: torch.Tensor) -> int:
+        return use_count(t.untyped_storage()._cdata)
+
+    alone = users(torch.empty(1))  # a tensor no one else holds (the count's own references included)
+    spare: dict[tuple, list[torch.Tensor]] = {}
+    while entries:
+        entry = entries.pop()
+        if sys.getrefcount(entry) != 2:  # `entry` and the argument: the dict itself is held elsewhere
+            continue
+        while entry:
+            _, t = entry.popitem()
+            # 2: `t` and getrefcount's argument
+            if sys.getrefcount(t) == 2 and users(t) == alone and t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+                spare.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+    return spare
 
 
 class ModelAdapters:

@@ -147,6 +147,55 @@ def test_computed_in_engine_a_b_a_and_restore_are_bit_exact(dtype):
     assert same(weights(engine), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kept_from_the_engine_equals_merged_tensors_bit_for_bit(dtype):
+    """A kept set on the torch engine is computed in the engine, then copied out to the cache:
+    its entry holds the same bits as the merged tensors an engine without in-place refit
+    builds, and A -> B -> A from the cache (a full cache that reuses evicted entries'
+    tensors) gives A's bits again; the empty set gives the base."""
+    a, b = unet_adapter(1), unet_adapter(2, keep_every=2)
+    engine = TorchUNet(copy.deepcopy(bundle().unet), dtype=dtype)
+    base = weights(engine)
+    plain = TorchUNet(copy.deepcopy(bundle().unet), dtype=dtype)
+    plain.refit_in_place = None
+    reference = EngineAdapters(plain, "unet", DeltaCache(1 << 30), "tiny")
+    one_set = sum(t.numel() * t.element_size() for n, t in base.items() if f"unet.{n.removesuffix('.weight')}" in a.modules)
+    cache = DeltaCache(one_set)  # holds one of A, B (B targets fewer weights): each switch evicts
+    state = EngineAdapters(engine, "unet", cache, "tiny")
+    for items in ([(a, 0.8)], [(b, 0.5)]):
+        state.apply(items)  # first use: not kept
+        reference.apply(items)
+    seen = []
+    for items in ([(a, 0.8)], [(b, 0.5)], [(a, 0.8)], [(b, 0.5)], [(a, 0.8)]):
+        state.apply(items)
+        reference.apply(items)
+        assert same(weights(engine), weights(plain)), items
+        (entry,) = [e for e, _ in cache._entries.values()]
+        assert same(entry, {n: weights(plain)[n] for n in entry}), items
+        seen.append({t.data_ptr() for t in entry.values()})
+        del entry  # held here, it would not be reused
+    assert seen[2] & seen[0], "the evicted entry's tensors are reused"
+    state.apply([])
+    assert same(weights(engine), base)
+
+
+def test_evicted_tensors_held_elsewhere_are_not_overwritten(engine):
+    a, b = unet_adapter(1), unet_adapter(2)
+    cache = DeltaCache(sum(t.numel() * t.element_size() for n, t in engine.named_weights().items() if f"unet.{n.removesuffix('.weight')}" in a.modules))
+    state = EngineAdapters(engine, "unet", cache, "tiny")
+    for items in ([(a, 1.0)], [(b, 1.0)], [(a, 1.0)]):
+        state.apply(items)
+    (held,) = [e for e, _ in cache._entries.values()]  # A's entry, as a caller of get() keeps it
+    one = next(iter(held.values()))
+    view = one.view(-1)
+    before = {n: t.clone() for n, t in held.items()}
+    state.apply([(b, 1.0)])  # evicts A: its dict is held, so nothing in it is written
+    assert same(held, before) and torch.equal(view, before[next(iter(held))].view(-1))
+    del held
+    state.apply([(a, 1.0)])  # evicts B (not held): reused; `one` and `view` still held: not
+    assert torch.equal(view, before[next(iter(before))].view(-1))
+
+
 def test_a_failed_write_in_the_engine_restores_the_base(engine):
     base = weights(engine)
     state = EngineAdapters(engine, "unet", DeltaCache(0), "tiny")
@@ -196,12 +245,19 @@ def test_a_failed_refit_restores_the_base(engine):
     state.apply([(c, 1.0)])
     state.apply([(a, 1.0)])
 
-    def broken(named):
+    def broken(*args):
         raise RuntimeError("device lost")
 
+    engine.refit_in_place = broken
+    with pytest.raises(RuntimeError):
+        state.apply([(c, 1.0)])  # its second use: composed in the engine, to be kept
+    assert state.applied is None and same(weights(engine), base) and len(state.cache) == 0
+    del engine.refit_in_place
+    state.apply([(c, 1.0)])  # kept
+    state.apply([(a, 1.0)])
     engine.refit = broken
     with pytest.raises(RuntimeError):
-        state.apply([(c, 1.0)])  # its second use: composed, kept and refitted
+        state.apply([(c, 1.0)])  # from the cache, refitted
     assert state.applied is None and same(weights(engine), base)
 
 
