@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .base import Component, Engine, EngineInfo, ShapeProfile
+from .host_weights import HostWeights
 from .manifest import RefitEntry, check_refit_names
 from .onnx_weight_file import read_graph, read_weights
 
@@ -92,8 +93,7 @@ class OnnxRuntimeEngine(Engine):
         graph = read_graph(self._path)
         engine_names = [entry.engine_name for entry in refit_map.values()]
         self._weights = read_weights(graph, self._path.parent, engine_names)  # the live weights, by engine name
-        self._base: dict[str, np.ndarray] = {}  # pristine copies, only of refitted weights
-        self._pending_restore: set[str] = set()  # engine names to copy back from _base before the next run
+        self._host = HostWeights(self._weights)
         self._inputs = [i.name for i in graph.graph.input if i.name not in self._weights]
         self._outputs = [o.name for o in graph.graph.output]
         self._ort = ort
@@ -141,7 +141,7 @@ class OnnxRuntimeEngine(Engine):
         return self.refit_mode == "override" and self._providers[0] != "CPUExecutionProvider"
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._finish_restore() and self._refit_needs_new_session():
+        if self._host.finish_restore() and self._refit_needs_new_session():
             self._session = self._make_session(read_graph(self._path))
         missing = [name for name in self._inputs if name not in inputs]
         if missing:
@@ -163,34 +163,12 @@ class OnnxRuntimeEngine(Engine):
 
     def refit(self, named_weights: Mapping[str, torch.Tensor]) -> None:
         check_refit_names(self.component, self._refit_map, named_weights)
-        # Check every weight before touching any, so a bad one leaves the engine as it was.
-        for name, value in named_weights.items():
-            self._refit_map[name].check(name, value)
-        written = set()
-        for name, value in named_weights.items():
-            entry = self._refit_map[name]
-            if entry.engine_name not in self._base:
-                self._base[entry.engine_name] = self._weights[entry.engine_name].copy()
-            entry.write_into(name, value, self._weights[entry.engine_name])
-            written.add(entry.engine_name)
-        self._pending_restore -= written  # overwritten anyway: no need to copy the base back first
-        self._finish_restore()
+        self._host.refit(self._refit_map, named_weights)
         if self._refit_needs_new_session():
             self._session = self._make_session(read_graph(self._path))
 
     def restore(self) -> None:
-        # Lazy: the weights go back to base at the next run, or, for those a refit right after
-        # does not overwrite, at that refit. The router restores then refits at every switch, so
-        # copying back weights the refit overwrites at once (all of them when two sets share
-        # targets: 128 weights, 357 MB, ~22 ms on SD 1.5) would be wasted.
-        self._pending_restore |= self._base.keys()
-
-    def _finish_restore(self) -> bool:
-        for engine_name in self._pending_restore:
-            np.copyto(self._weights[engine_name], self._base[engine_name])
-        restored = bool(self._pending_restore)
-        self._pending_restore = set()
-        return restored
+        self._host.restore()  # lazy: see host_weights.py
 
     def info(self) -> EngineInfo:
         return EngineInfo(self.component, BACKEND_NAME, self.precision, self.device, self.profile)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .base import Component, Engine, EngineInfo, ShapeProfile
+from .host_weights import HostWeights
 from .manifest import Profile, RefitEntry, check_refit_names
 
 BACKEND_NAME = "openvino"
@@ -108,10 +109,9 @@ class OpenVINOEngine(Engine):
         missing = engine_names - self._constants.keys()
         if missing:
             raise ValueError(f"{model_path}: refit map names weights the IR does not have: {', '.join(sorted(missing)[:10])}")
-        self._base: dict[str, object] = {}  # engine name -> base value (array for parameters, Constant node for recompile)
-        self._pending_restore: set[str] = set()  # parameters mode: engine names to copy back from _base before the next run
+        self._base: dict[str, object] = {}  # recompile mode: engine name -> the base Constant node
         if refit_mode == "parameters":
-            self._weights = self._weights_to_parameters()
+            self._host = HostWeights(self._weights_to_parameters())
         self._compile()
 
     def _weights_to_parameters(self) -> dict[str, np.ndarray]:
@@ -135,7 +135,7 @@ class OpenVINOEngine(Engine):
             model.reshape(_static_shapes(self.component, model, profile, self._vae_scale))
             request = self._core.compile_model(model, "CPU", self._config).create_infer_request()
             if self.refit_mode == "parameters":
-                for name, array in self._weights.items():
+                for name, array in self._host.arrays.items():
                     request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
             self._requests.append((profile, request))
 
@@ -148,7 +148,8 @@ class OpenVINOEngine(Engine):
         raise ValueError(f"{self.component.value}: no compiled profile takes inputs {shapes} (built: {built})")
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self._finish_restore()
+        if self.refit_mode == "parameters":
+            self._host.finish_restore()
         request = self._request_for(inputs)
         for name, value in inputs.items():
             request.set_tensor(name, self._ov.Tensor(np.ascontiguousarray(value.detach().cpu().numpy())))
@@ -158,28 +159,12 @@ class OpenVINOEngine(Engine):
     def refit(self, named_weights: Mapping[str, torch.Tensor]) -> None:
         check_refit_names(self.component, self._refit_map, named_weights)
         if self.refit_mode == "parameters":
-            # Check every weight before touching any, so a bad one leaves the engine as it was.
-            for name, value in named_weights.items():
-                self._refit_map[name].check(name, value)
-            written = set()
-            for name, value in named_weights.items():
-                entry = self._refit_map[name]
-                if entry.engine_name not in self._base:
-                    self._base[entry.engine_name] = self._weights[entry.engine_name].copy()
-                entry.write_into(name, value, self._weights[entry.engine_name])
-                written.add(entry.engine_name)
-            self._pending_restore -= written  # overwritten anyway: no need to copy the base back first
-            self._finish_restore()
+            self._host.refit(self._refit_map, named_weights)
             return
         arrays = {self._refit_map[name].engine_name: self._refit_map[name].to_engine(name, value) for name, value in named_weights.items()}
         for engine_name, array in arrays.items():
             self._replace_constant(engine_name, self._ov.op.Constant(array))
         self._compile()
-
-    def _finish_restore(self) -> None:
-        for engine_name in self._pending_restore:
-            np.copyto(self._weights[engine_name], self._base[engine_name])
-        self._pending_restore = set()
 
     def _replace_constant(self, engine_name: str, new_constant) -> None:
         old = self._constants[engine_name]
@@ -189,13 +174,10 @@ class OpenVINOEngine(Engine):
         self._constants[engine_name] = new_constant
 
     def restore(self) -> None:
-        if not self._base:
-            return
         if self.refit_mode == "parameters":
-            # Lazy, as in the onnxruntime engine: back to base at the next run, or at a refit
-            # right after for the weights it does not overwrite (the router restores then refits
-            # at every switch; copying back what the refit overwrites is wasted).
-            self._pending_restore |= self._base.keys()
+            self._host.restore()  # lazy, as in the onnxruntime engine: see host_weights.py
+            return
+        if not self._base:
             return
         for engine_name, base in list(self._base.items()):
             self._replace_constant(engine_name, base)
