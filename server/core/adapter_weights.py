@@ -246,16 +246,20 @@ def _unshared_buffers(entries: list[dict[str, torch.Tensor]]) -> dict[tuple, lis
     def users(t: torch.Tensor) -> int:
         return use_count(t.untyped_storage()._cdata)
 
-    alone = users(torch.empty(1))  # a tensor no one else holds (the count's own references included)
+    # The counts of objects that no one else holds, taken the same way as below (one local name
+    # plus getrefcount's own argument), rather than a constant: what getrefcount includes has
+    # changed between Python versions, and a count too low here would overwrite a held tensor.
+    probe_tensor, probe_dict = torch.empty(1), {}
+    alone = users(probe_tensor)
+    tensor_alone, dict_alone = sys.getrefcount(probe_tensor), sys.getrefcount(probe_dict)
     spare: dict[tuple, list[torch.Tensor]] = {}
     while entries:
         entry = entries.pop()
-        if sys.getrefcount(entry) != 2:  # `entry` and the argument: the dict itself is held elsewhere
+        if sys.getrefcount(entry) != dict_alone:  # the dict itself is held elsewhere
             continue
         while entry:
             _, t = entry.popitem()
-            # 2: `t` and getrefcount's argument
-            if sys.getrefcount(t) == 2 and users(t) == alone and t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+            if sys.getrefcount(t) == tensor_alone and users(t) == alone and t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size():
                 spare.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
     return spare
 
