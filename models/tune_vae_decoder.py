@@ -148,7 +148,8 @@ def main() -> None:
     report(vae, "after")
 
     out = Path(args.out) if args.out else src
-    tmp = Path(tempfile.mkdtemp(prefix=".vae-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".vae-", dir=out.parent))  # beside `out`: the rename stays on one file system
     vae.save_pretrained(tmp, safe_serialization=True)
     if out.exists():
         shutil.rmtree(out)
