@@ -96,6 +96,7 @@ def _train(args) -> int:
             num_vectors=args.num_vectors,
             embedding_lr=args.embedding_lr,
             embedding_steps=args.embedding_steps,
+            train_lora_with_embedding=args.train_lora_with_embedding,
         )
         print(f"job {job_id} queued", file=sys.stderr)
         if args.detach:
@@ -185,6 +186,10 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--num-vectors", type=int, default=0)
     train.add_argument("--embedding-lr", type=float)
     train.add_argument("--embedding-steps", type=int, default=0)
+    train.add_argument(
+        "--train-lora-with-embedding", action="store_true",
+        help="pivotal tuning: the LoRA trains beside the token from the first step (diffusers' order), not after it (lora_pti's)",
+    )  # fmt: skip
     train.add_argument("--detach", action="store_true", help="print the job id and return; watch later with `impasto jobs --watch`")
     _watch_options(train)
     train.set_defaults(func=_train)

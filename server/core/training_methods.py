@@ -54,6 +54,7 @@ class TrainingSpec:
     num_vectors: int = 0
     embedding_lr: float | None = None
     embedding_steps: int = 0
+    train_lora_with_embedding: bool = False
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -107,6 +108,8 @@ def validate_spec(spec: TrainingSpec) -> None:
             raise InvalidArgument("textual_inversion.initializer_token", "name an existing word to start from, e.g. 'red'")
         if spec.method == "pivotal_tuning" and spec.embedding_steps >= spec.resolved_steps:
             raise InvalidArgument("textual_inversion.embedding_steps", f"must be below num_steps ({spec.resolved_steps})")
+    if spec.train_lora_with_embedding and spec.method != "pivotal_tuning":
+        raise InvalidArgument("textual_inversion.train_lora_with_embedding", "only pivotal tuning trains a LoRA beside the token")
     if spec.masked_loss and spec.method not in METHODS:
         raise InvalidArgument("masked_loss", "not supported by this method")
 
@@ -192,6 +195,7 @@ def build_trainer(
             initializer_token=spec.initializer_token,
             num_vectors=spec.num_vectors or 1,
             embedding_steps=spec.embedding_steps,
+            train_lora_with_embedding=spec.train_lora_with_embedding,
             **_prior_fields(spec, job_dir),
         )
         if spec.embedding_lr is not None:

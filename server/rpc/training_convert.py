@@ -61,6 +61,7 @@ def training_spec(request: pb.StartTrainingRequest) -> TrainingSpec:
         num_vectors=ti.num_vectors,
         embedding_lr=_opt(ti, "learning_rate"),
         embedding_steps=ti.embedding_steps,
+        train_lora_with_embedding=ti.train_lora_with_embedding,
     )
 
 

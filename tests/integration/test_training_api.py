@@ -78,12 +78,16 @@ def test_embedding_jobs_are_served_by_the_next_generate(served, tmp_path, method
     folder = write_shapes(tmp_path / "pink", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
     client.upload_dataset(f"{method}-stars", folder)
     name, token = f"tiny-{method.replace('_', '-')}", f"<{method[:5]}-star>"
-    options = dict(embedding_steps=1) if method == "pivotal_tuning" else {}
+    # Pivotal tuning in diffusers' order (LoRA beside the token): the option reaches the trainer.
+    options = dict(embedding_steps=1, train_lora_with_embedding=True) if method == "pivotal_tuning" else {}
     job_id = client.start_training(
         method, dataset=f"{method}-stars", adapter_name=name, token=token, initializer_token="star",
         num_vectors=2, num_steps=2, batch_size=1, seed=5, rank=1, embedding_lr=0.5, **options,
     )  # fmt: skip
-    final = list(client.watch_job(job_id, timeout=300))[-1]
+    events = list(client.watch_job(job_id, timeout=300))
+    final = events[-1]
+    phases = [e.phase for e in events if isinstance(e, TrainingProgress)]
+    assert phases == (["embedding+lora", "lora"] if method == "pivotal_tuning" else ["embedding"] * 2), phases
     assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
     assert "embeddings" in final.outputs and "not registered" not in final.message
 

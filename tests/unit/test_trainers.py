@@ -235,6 +235,31 @@ def test_pivotal_tuning_with_prior_uses_class_images_in_the_lora_phase_only(tmp_
     assert batch_sizes == [2, 2, 4, 4]  # batch_size 2, plus 2 class images in the LoRA phase
 
 
+def test_pivotal_tuning_lora_with_embedding_trains_both_then_lora_alone(tmp_path):
+    """diffusers' order: the LoRA and the token rows train together, with the class images
+    (the LoRA gets their gradient), then the token is frozen and the LoRA goes on."""
+    parts = load_components(tiny_model_dir())
+    cfg = pivotal_tuning.PivotalTuningConfig(
+        **{**lora_config(num_steps=4).__dict__, "token": "<sks>"}, initializer_token="star", embedding_steps=2,
+        class_prompt="a shape", class_dir=str(tmp_path / "class"), num_class_images=3, prior_loss_weight=0.5,
+        train_lora_with_embedding=True,
+    )  # fmt: skip
+    dreambooth.ensure_class_images(cfg, render_class_images)
+    tuner = pivotal_tuning.build(cfg, parts)
+    start = tuner.embeddings.vectors()
+    batch_sizes = []
+    hook = parts.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(len(args[0])))
+    phases = [tuner.train_step().phase for _ in range(2)]
+    assert not torch.equal(tuner.embeddings.vectors(), start)
+    assert any(m.up.abs().sum() > 0 for m in tuner.adapter().modules.values())  # the LoRA moved in phase 1
+    pivot = tuner.embeddings.vectors()
+    phases += [tuner.train_step().phase for _ in range(2)]
+    hook.remove()
+    assert phases == ["embedding+lora"] * 2 + ["lora"] * 2
+    assert batch_sizes == [4, 4, 4, 4]  # class images in both phases
+    assert torch.equal(tuner.embeddings.vectors(), pivot)  # frozen once the LoRA goes on alone
+
+
 def test_pivotal_prior_needs_the_class_fields():
     with pytest.raises(ValueError, match="class_prompt and class_dir"):
         pivotal_tuning.PivotalTuningConfig(**{**lora_config().__dict__, "token": "<sks>"}, initializer_token="star", prior_loss_weight=1.0).validate()

@@ -46,6 +46,7 @@ def test_upload_file_paths(path):
         (TrainingSpec("lora", "d", "a", rank=1000), "lora.rank"),
         (TrainingSpec("lora", "d", "a", unet_lr=2.0), "unet_lr"),
         (TrainingSpec("pivotal_tuning", "d", "a", token="<t>", initializer_token="x", num_steps=10, embedding_steps=10), "embedding_steps"),
+        (TrainingSpec("lora", "d", "a", train_lora_with_embedding=True), "textual_inversion.train_lora_with_embedding"),
     ],
 )
 def test_spec_errors_name_the_field(spec, field):

@@ -155,6 +155,7 @@ def start_request(
     num_vectors: int = 0,
     embedding_lr: float | None = None,
     embedding_steps: int = 0,
+    train_lora_with_embedding: bool = False,
 ) -> pb.StartTrainingRequest:
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -165,7 +166,8 @@ def start_request(
         lora=pb.LoraOptions(rank=rank, train_text_encoder=train_text_encoder, conv=conv),
         dreambooth=pb.DreamBoothOptions(class_prompt=class_prompt, num_class_images=num_class_images),
         textual_inversion=pb.TextualInversionOptions(
-            token=token, initializer_token=initializer_token, num_vectors=num_vectors, embedding_steps=embedding_steps
+            token=token, initializer_token=initializer_token, num_vectors=num_vectors, embedding_steps=embedding_steps,
+            train_lora_with_embedding=train_lora_with_embedding,
         ),
     )  # fmt: skip
     if seed is not None:
