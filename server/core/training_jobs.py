@@ -272,12 +272,17 @@ class TrainingJobs:
             self._subscribers.setdefault(job_id, []).append(subscriber)
         try:
             yield JobStatus(snapshot)
-            if snapshot.resumed_from_step:
-                yield JobResumed(snapshot.resumed_from_step)
+            said_resumed = snapshot.resumed_from_step
+            if said_resumed:
+                yield JobResumed(said_resumed)
             if snapshot.state in FINAL:
                 return
             while True:
                 event = await queue.get()
+                # A watcher that subscribed between the resume and its event has it already,
+                # from the snapshot: one resume is said once.
+                if isinstance(event, JobResumed) and event.from_step == said_resumed:
+                    continue
                 yield event
                 if isinstance(event, JobStatus) and event.job.state in FINAL:
                     return
@@ -473,9 +478,15 @@ class TrainingJobs:
             # are stored under another name (the registry keeps one name per content; both are
             # AlreadyExists): the files are there to download, but Generate cannot use them under
             # this name. Said, not hidden; the training itself succeeded.
+            self._drop_checkpoint(job)
             self._end(job, JobState.SUCCEEDED, f"trained; not registered for serving: {exc}")
             return
-        with contextlib.suppress(FileNotFoundError):
-            (self._dir(job) / CHECKPOINT).unlink()
+        self._drop_checkpoint(job)
         job.adapter_id = record.id
         self._end(job, JobState.SUCCEEDED)
+
+    def _drop_checkpoint(self, job: JobRecord) -> None:
+        """After the outputs are written: a finished job is never resumed, so its checkpoint
+        (the size of the trainable state plus the optimizer's) would only take disk."""
+        with contextlib.suppress(FileNotFoundError):
+            (self._dir(job) / CHECKPOINT).unlink()

@@ -58,11 +58,29 @@ def test_a_job_resumes_from_its_checkpoint_on_a_new_server(tmp_path):
             events = list(client.watch_job(job_id, timeout=300))
             progress = [e for e in events if isinstance(e, TrainingProgress)]
             resumed = [e for e in events if isinstance(e, JobResumed)]
-            assert resumed and resumed[0].from_step == checkpoint_step
+            assert [r.from_step for r in resumed] == [checkpoint_step]  # said once
             assert progress and progress[-1].step == 40
             assert all(p.step > checkpoint_step for p in progress)
             final = events[-1]
             assert isinstance(final, JobStatus) and final.state == "succeeded" and final.resumed_from_step == checkpoint_step
+            assert not (data / "training" / "jobs" / job_id / "checkpoint.pt").exists()
+
+
+def test_a_job_whose_name_is_taken_succeeds_unregistered_and_keeps_no_checkpoint(tmp_path):
+    """An upload took the name while the job ran: the files are there to download, the stream
+    says why Generate can't use them, and the checkpoint is gone."""
+    from adapter_files import write_kohya
+
+    data = tmp_path / "data"
+    options = dict(dataset=dataset(data), adapter_name="taken", instance_prompt="a sks shape", batch_size=1, rank=1)
+    with running_server(data_dir=data) as server:
+        with ImpastoClient(server.target) as client:
+            job_id = client.start_training("lora", num_steps=30, checkpoint_every=1, seed=1, **options)
+            wait_for(lambda: client.get_job(job_id).step >= 2)
+            client.upload_adapter(write_kohya(tmp_path / "other.safetensors", seed=3), "taken")
+            final = list(client.watch_job(job_id, timeout=300))[-1]
+            assert final.state == "succeeded" and "not registered for serving" in final.message and not final.adapter_id
+            assert "kohya" in final.outputs and client.download_job_output(job_id, "kohya")[1]
             assert not (data / "training" / "jobs" / job_id / "checkpoint.pt").exists()
 
 
