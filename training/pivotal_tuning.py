@@ -8,19 +8,19 @@ held fixed, saved as one adapter holding both the LoRA modules and the token's v
 (its --train_text_encoder_ti, whose fraction of the run is our embedding_steps): the LoRA trains
 from the first step, beside the token rows, and goes on alone once they are frozen. On the
 embedded shapes model, with prior preservation, that reached 81% star with the base classes at
-78% after 200 steps, where the sequential order needed 400 + 200 steps for 81% / 72%
-(benchmarks/training_efficacy.py, `pivotal_joint`).
+78% (96% before) after 200 steps, 31 s; the sequential order needed 400 + 200 steps for 81%
+with the base classes at 61%, and DreamBooth-LoRA 300 steps for 84% with them at 22%
+(benchmarks/training_efficacy.py, `pivotal_joint`, 2026-11-27).
 
 Finding the token first gives the LoRA a "pivot" in the text space that already points at
 the concept, so the LoRA needs to move the UNet less (and forgets less).
 
 Prior preservation is optional, as in diffusers' advanced DreamBooth-LoRA script (its
 --train_text_encoder_ti with --with_prior_preservation): the same class fields as DreamBooth
-(class images made by `dreambooth.ensure_class_images`), used in the LoRA phase only.
-Measured on the embedded shapes model (benchmarks/training_efficacy.py, `pivotal_prior`; rank 8,
-LoCon): after 400 embedding + 200 LoRA steps 81% of "a <sks> shape" images are judged a star
-with the base classes at 72% (95% before), where DreamBooth-LoRA at a similar star rate (84%)
-left them at 22%. It drifts less, but still drifts: the 1M-parameter UNet has little to spare.
+(class images made by `dreambooth.ensure_class_images`), used in every phase the LoRA trains in.
+It drifts less than DreamBooth-LoRA, but still drifts (the figures above, rank 8, LoCon; two
+runs of the sequential order left the base classes at 61% and 72%): the 1M-parameter UNet has
+little to spare.
 """
 
 from __future__ import annotations
