@@ -30,7 +30,9 @@ def write_outputs(adapter: CanonicalAdapter, folder: Path, name: str, metadata: 
         for component in adapter.components:
             if not adapter.modules_of(component):
                 continue
-            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            # Named like every other partial write (`.<name>.<random>.tmp`): a server restarted
+            # after a kill -9 mid-export removes it with the rest (training_jobs).
+            with tempfile.TemporaryDirectory(dir=folder, prefix=f".{name}.peft_{component}.", suffix=".tmp") as tmp:
                 peft_dir = export_peft_folder(adapter, Path(tmp) / f"{name}.peft_{component}", component=component, drop_embeddings=True)
                 archive = shutil.make_archive(str(Path(tmp) / "archive"), "zip", peft_dir)
                 final = folder / f"{name}.peft_{component}.zip"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -101,3 +102,29 @@ def test_a_restart_drops_the_temp_files_of_writes_a_crash_cut_short(tmp_path):
     _remove_partial_writes(tmp_path)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
     assert not (tmp_path / "outputs" / ".a.peft_unet.x4.tmp").exists()
+
+
+def test_the_peft_export_writes_in_a_temp_folder_the_restart_removes(tmp_path, monkeypatch):
+    """A kill -9 mid-export leaves the zip's working folder behind: it must carry the name
+    `_remove_partial_writes` looks for, as every other partial write does."""
+    import fnmatch
+    import tempfile
+
+    import torch
+
+    from impasto.lora import CanonicalAdapter, LoraModule
+    from impasto.training import outputs
+
+    made = []
+
+    class Recording(tempfile.TemporaryDirectory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.name)
+
+    monkeypatch.setattr(outputs.tempfile, "TemporaryDirectory", Recording)
+    module = LoraModule(down=torch.ones(1, 4), up=torch.ones(4, 1), alpha=1.0)
+    adapter = CanonicalAdapter(modules={"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": module})
+    files = outputs.write_outputs(adapter, tmp_path, "a")
+    assert "peft_unet" in files and made
+    assert all(fnmatch.fnmatch(Path(name).name, ".*.tmp") and Path(name).parent == tmp_path for name in made)
