@@ -70,6 +70,19 @@ def running_server(**overrides) -> Iterator[ServerThread]:
         server.stop()
 
 
+@contextlib.contextmanager
+def serving_adapters(uploads, **overrides):
+    """A running server and a client, with `uploads` [(file, name, format or None)] uploaded
+    first, in order: the module fixtures of the adapter tests."""
+    from impasto_client import ImpastoClient
+
+    with running_server(**overrides) as server:
+        with ImpastoClient(server.target) as client:
+            for path, name, format in uploads:
+                client.upload_adapter(path, name, format=format)
+            yield server, client
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerThread]:
     with running_server() as s:

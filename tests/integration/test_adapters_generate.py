@@ -12,7 +12,7 @@ import threading
 import pytest
 import torch
 from adapter_files import pixels, psnr, write_diffusers, write_kohya
-from conftest import running_server
+from conftest import serving_adapters
 from image_checks import diffusers_reference
 
 from impasto.core.samplers import SAMPLERS, make_noise_scheduler
@@ -37,11 +37,9 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, files):
-    with running_server(adapters_dir=tmp_path_factory.mktemp("adapters")) as server:
-        with ImpastoClient(server.target) as client:
-            client.upload_adapter(files["a"], "style-a")
-            client.upload_adapter(str(files["b"]), "style-b", format="diffusers")
-            yield server, client
+    uploads = [(files["a"], "style-a", None), (str(files["b"]), "style-b", "diffusers")]
+    with serving_adapters(uploads, adapters_dir=tmp_path_factory.mktemp("adapters")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

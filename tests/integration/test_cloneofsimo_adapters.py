@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from adapter_files import cloneofsimo_lora, pixels, psnr, save_cloneofsimo, save_diffusers
-from conftest import running_server
+from conftest import running_server, serving_adapters
 from safetensors.torch import save_file
 from test_embeddings_generate import token_rows
 
@@ -51,12 +51,9 @@ def adapters_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(adapters_dir, files):
-    with running_server(adapters_dir=adapters_dir) as server:
-        with ImpastoClient(server.target) as client:
-            client.upload_adapter(files["pivotal"], "pivotal")
-            client.upload_adapter(files["diffusers"], "lora-d", format="diffusers")
-            client.upload_adapter(files["s1"], "s1")
-            yield server, client
+    uploads = [(files["pivotal"], "pivotal", None), (files["diffusers"], "lora-d", "diffusers"), (files["s1"], "s1", None)]
+    with serving_adapters(uploads, adapters_dir=adapters_dir) as served:
+        yield served
 
 
 def image(client, prompt=PROMPT, **options):

@@ -16,7 +16,7 @@ import hashlib
 
 import pytest
 from adapter_files import cloneofsimo_lora, pixels, psnr, save_cloneofsimo
-from conftest import running_server
+from conftest import running_server, serving_adapters
 from safetensors.torch import save_file
 from test_embeddings_generate import token_rows
 
@@ -59,11 +59,8 @@ def adapters_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(adapters_dir, files):
-    with running_server(adapters_dir=adapters_dir) as server:
-        with ImpastoClient(server.target) as client:
-            client.upload_adapter(files["redthing"], "redthing", format="embedding")
-            client.upload_adapter(files["shape-x"], "shape-x")
-            yield server, client
+    with serving_adapters([(files["redthing"], "redthing", "embedding"), (files["shape-x"], "shape-x", None)], adapters_dir=adapters_dir) as served:
+        yield served
 
 
 def generate(client, prompt: str, **options):

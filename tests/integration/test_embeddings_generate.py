@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 from adapter_files import pixels, psnr
-from conftest import running_server
+from conftest import serving_adapters
 from image_checks import diffusers_reference
 from safetensors.torch import save_file
 
 from impasto.models import default_model_path
-from impasto_client import Image, ImpastoClient, InvalidArgumentError
+from impasto_client import Image, InvalidArgumentError
 from impasto_client.pb import adapter_service_pb2 as apb
 
 SETTINGS = dict(sampler="euler", seed=1234, num_steps=6, guidance_scale=7.5)
@@ -50,13 +50,12 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, files):
     # Embeddings named by the request only: by-name use (A1111's) is test_embeddings_by_name.py.
-    with running_server(adapters_dir=tmp_path_factory.mktemp("adapters"), apply_embeddings_named_in_prompt=False) as server:
-        with ImpastoClient(server.target) as client:
-            client.upload_adapter(files / "learned_embeds.safetensors", "shape-x")
-            client.upload_adapter(files / "redthing.safetensors", "redthing", format="embedding")
-            client.upload_adapter(files / "other.safetensors", "other")
-            client.upload_adapter(files / "same-token.safetensors", "same-token")
-            yield server, client
+    uploads = [
+        (files / "learned_embeds.safetensors", "shape-x", None), (files / "redthing.safetensors", "redthing", "embedding"),
+        (files / "other.safetensors", "other", None), (files / "same-token.safetensors", "same-token", None),
+    ]  # fmt: skip
+    with serving_adapters(uploads, adapters_dir=tmp_path_factory.mktemp("adapters"), apply_embeddings_named_in_prompt=False) as served:
+        yield served
 
 
 def image(client, prompt: str, **options):

@@ -107,7 +107,6 @@ def test_a_restart_drops_the_temp_files_of_writes_a_crash_cut_short(tmp_path):
 def test_the_peft_export_writes_in_a_temp_folder_the_restart_removes(tmp_path, monkeypatch):
     """A kill -9 mid-export leaves the zip's working folder behind: it must carry the name
     `_remove_partial_writes` looks for, as every other partial write does."""
-    import fnmatch
     import tempfile
 
     import torch
@@ -126,5 +125,13 @@ def test_the_peft_export_writes_in_a_temp_folder_the_restart_removes(tmp_path, m
     module = LoraModule(down=torch.ones(1, 4), up=torch.ones(4, 1), alpha=1.0)
     adapter = CanonicalAdapter(modules={"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": module})
     files = outputs.write_outputs(adapter, tmp_path, "a")
-    assert "peft_unet" in files and made
-    assert all(fnmatch.fnmatch(Path(name).name, ".*.tmp") and Path(name).parent == tmp_path for name in made)
+    assert "peft_unet" in files and made and all(Path(name).parent == tmp_path for name in made)
+    # As a kill -9 mid-export would leave them: the restart's clean-up removes them, outputs stay.
+    from impasto.core.training_jobs import _remove_partial_writes
+
+    for name in made:
+        Path(name).mkdir()
+        (Path(name) / "adapter_model.safetensors").write_bytes(b"x")
+    _remove_partial_writes(tmp_path)
+    assert not any(Path(name).exists() for name in made)
+    assert all(path.exists() for path in files.values())
