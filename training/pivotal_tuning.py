@@ -73,7 +73,9 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
     # No weight decay on the vectors, as in textual inversion: it pulls them toward zero.
     token_group = {"params": embeddings.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0}
     if cfg.train_lora_with_embedding:
-        first = Phase("embedding+lora", ti_steps, lora_groups + [token_group], True, embeddings)
+        # Copies of the LoRA's groups: an optimizer and its LR scheduler write into the group
+        # dicts they are given, and phase 2 starts its own from the settings, as a resume does.
+        first = Phase("embedding+lora", ti_steps, [dict(g) for g in lora_groups] + [token_group], True, embeddings)
     else:
         # The class captions hold no new token: their gradient would be zero here.
         first = Phase("embedding", ti_steps, [token_group], True, embeddings, uses_prior=False)

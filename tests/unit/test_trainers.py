@@ -284,6 +284,33 @@ def test_checkpoint_resumes_exactly():
         assert torch.allclose(a.modules[target].up, b.modules[target].up, atol=1e-6)
 
 
+def test_pivotal_with_embedding_resumes_exactly_across_its_phases():
+    """A checkpoint in the joint phase, resumed into the LoRA-only phase: the same adapter as a
+    run that never stopped (phase 2's optimizer starts from the settings either way)."""
+
+    def build():
+        cfg = pivotal_tuning.PivotalTuningConfig(
+            **{**lora_config(num_steps=6).__dict__, "token": "<sks>"}, initializer_token="star", embedding_steps=3,
+            train_lora_with_embedding=True,
+        )  # fmt: skip
+        return pivotal_tuning.build(cfg)
+
+    straight = build()
+    for _ in range(6):
+        straight.train_step()
+    first = build()
+    for _ in range(2):
+        first.train_step()
+    resumed = build()
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(4):
+        resumed.train_step()
+    a, b = straight.adapter(), resumed.adapter()
+    assert torch.equal(straight.embeddings.vectors(), resumed.embeddings.vectors())
+    for target in a.modules:
+        assert torch.allclose(a.modules[target].up, b.modules[target].up, atol=1e-6)
+
+
 def test_masked_loss_counts_only_the_mask(tmp_path):
     folder = write_shapes(tmp_path / "masked", [("star", "red"), ("star", "blue")])
     from PIL import Image
