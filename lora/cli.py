@@ -4,7 +4,8 @@
 code, and errors from the library (AdapterFormatError / AdapterMismatchError) reach the user as
 one line naming the file, key or module at fault. Commands that read adapter files take
 `--model DIR` (fuse uses its model folder): cloneofsimo files cannot be placed without the
-model's module list, which is built from that folder's configs.
+model's module list, which is built from that folder's configs, and kohya SDXL files' SGM block
+numbers map by its UNet's layers_per_block.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from .fuse import fuse_into_folder
 from .inspect import describe, format_description
 from .load import load_adapter
 from .merge import merge_cat, merge_linear, merge_svd
-from .model_folder import FolderModuleTrees
+from .model_folder import FolderModuleTrees, unet_config_of
 
 OUTPUT_FORMATS = ("kohya", "diffusers", "peft")
-MODEL_HELP = "diffusers model folder the adapters were trained on; cloneofsimo files need it to place their modules"
+MODEL_HELP = "diffusers model folder the adapters were trained on; cloneofsimo files need it to place their modules, kohya SDXL files to number their blocks"
 
 
 def _adapter_arg(text: str) -> tuple[str, float]:
@@ -41,10 +42,16 @@ def _adapter_arg(text: str) -> tuple[str, float]:
 
 
 def _load(path, model_folder=None, **kw) -> CanonicalAdapter:
-    """`load_adapter` with the module trees of `model_folder` (`--model`, or fuse's model), which
-    cloneofsimo files need: their modules are numbered in the model's order, not named."""
+    """`load_adapter` with what `model_folder` (`--model`, or fuse's model) tells about the model:
+    its module trees, which cloneofsimo files need (their modules are numbered in the model's
+    order, not named), and its UNet config, by which kohya SDXL files' SGM block numbers map to
+    diffusers' blocks (without it they are mapped for layers_per_block=2, with a warning)."""
+    if model_folder:
+        kw.setdefault("module_trees", FolderModuleTrees(model_folder))
+        if (Path(model_folder) / "unet" / "config.json").is_file():
+            kw.setdefault("unet_config", unet_config_of(model_folder))
     try:
-        return load_adapter(path, module_trees=FolderModuleTrees(model_folder) if model_folder else None, **kw)
+        return load_adapter(path, **kw)
     except ModuleTreesNeeded as e:
         raise AdapterFormatError(
             f"{path}: a cloneofsimo file numbers its modules in the base model's order instead of naming "

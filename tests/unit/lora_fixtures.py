@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -45,10 +46,10 @@ def single_torch_thread():
     torch.set_num_threads(before)
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+def tiny_unet(seed: int = 0, layers_per_block: int = 2) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=layers_per_block, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     ).eval()
@@ -85,8 +86,8 @@ def peft_deltas(model) -> dict[str, torch.Tensor]:
 class Bundle:
     """Base components, their peft-adapted copies and the reference deltas."""
 
-    def __init__(self, seed: int = 0, unet_kw=None, te_kw=None):
-        self.unet = tiny_unet(seed)
+    def __init__(self, seed: int = 0, unet_kw=None, te_kw=None, layers_per_block: int = 2):
+        self.unet = tiny_unet(seed, layers_per_block)
         self.te = tiny_text_encoder(seed + 1)
         self.unet_config = unet_config(**(unet_kw or {}))
         self.te_config = te_config(**(te_kw or {}))
@@ -169,6 +170,25 @@ class Bundle:
             meta["<s1>"] = "<embed>"
         save_file(files, str(path), metadata=meta)
         return Path(path), ref
+
+
+def to_sgm_name(name: str, layers_per_block: int = 2) -> str:
+    """A kohya module name in diffusers block numbering -> SGM (input/middle/output) numbering
+    (SDXL kohya files), by the SGM rule
+    (input block = 1 + block·(layers+1) + layer; inner index 0 resnets, 1 attentions)."""
+    m = re.match(r"lora_unet_down_blocks_(\d+)_(resnets|attentions)_(\d+)_(.*)", name)
+    if m:
+        i = 1 + int(m[1]) * (layers_per_block + 1) + int(m[3])
+        return f"lora_unet_input_blocks_{i}_{0 if m[2] == 'resnets' else 1}_{m[4]}"
+    m = re.match(r"lora_unet_up_blocks_(\d+)_(resnets|attentions)_(\d+)_(.*)", name)
+    if m:
+        i = int(m[1]) * (layers_per_block + 1) + int(m[3])
+        return f"lora_unet_output_blocks_{i}_{0 if m[2] == 'resnets' else 1}_{m[4]}"
+    m = re.match(r"lora_unet_mid_block_(resnets|attentions)_(\d+)_(.*)", name)
+    if m:
+        i = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(m[1], m[2])]
+        return f"lora_unet_middle_block_{i}_{m[3]}"
+    return name
 
 
 @lru_cache(maxsize=4)

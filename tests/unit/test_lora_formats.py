@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from lora_fixtures import assert_deltas_close, bundle, single_torch_thread  # noqa: F401 (fixture)
+from lora_fixtures import assert_deltas_close, bundle, single_torch_thread, to_sgm_name  # noqa: F401 (fixture)
 from safetensors.torch import load_file, save_file
 
 from impasto.lora import AdapterFormatError, compose, detect_format, load_adapter, parse_state_dict
@@ -82,24 +82,6 @@ def test_kohya_alpha_rules(tmp_path):
     assert any("alpha 0" in w for w in a.warnings)
 
 
-def _to_sgm(name: str, layers_per_block: int = 2) -> str:
-    """diffusers block numbering -> SGM (input/middle/output) numbering, by the SGM rule
-    (input block = 1 + block·(layers+1) + layer; inner index 0 resnets, 1 attentions)."""
-    m = re.match(r"lora_unet_down_blocks_(\d+)_(resnets|attentions)_(\d+)_(.*)", name)
-    if m:
-        i = 1 + int(m[1]) * (layers_per_block + 1) + int(m[3])
-        return f"lora_unet_input_blocks_{i}_{0 if m[2] == 'resnets' else 1}_{m[4]}"
-    m = re.match(r"lora_unet_up_blocks_(\d+)_(resnets|attentions)_(\d+)_(.*)", name)
-    if m:
-        i = int(m[1]) * (layers_per_block + 1) + int(m[3])
-        return f"lora_unet_output_blocks_{i}_{0 if m[2] == 'resnets' else 1}_{m[4]}"
-    m = re.match(r"lora_unet_mid_block_(resnets|attentions)_(\d+)_(.*)", name)
-    if m:
-        i = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}[(m[1], m[2])]
-        return f"lora_unet_middle_block_{i}_{m[3]}"
-    return name
-
-
 def test_kohya_sgm_block_names(tmp_path):
     """SDXL-style kohya names (SGM blocks, lora_te1_) map back to diffusers' modules.
     Only the attention/resnet blocks are renamed (samplers keep diffusers names)."""
@@ -109,7 +91,7 @@ def test_kohya_sgm_block_names(tmp_path):
     sgm = {}
     for k, v in keep.items():
         name, _, suffix = k.partition(".")
-        sgm[f"{_to_sgm(name)}.{suffix}"] = v
+        sgm[f"{to_sgm_name(name)}.{suffix}"] = v
     assert any("input_blocks_4_1" in k for k in sgm) and any("middle_block_1" in k for k in sgm)
     a_sgm = parse_state_dict(sgm)
     assert any("layers_per_block=2" in w for w in a_sgm.warnings)

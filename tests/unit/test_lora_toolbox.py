@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from lora_fixtures import Bundle, apply, assert_deltas_close, bundle, peft_deltas, single_torch_thread  # noqa: F401 (fixture)
+from safetensors.torch import load_file, save_file
+from lora_fixtures import Bundle, apply, assert_deltas_close, bundle, peft_deltas, single_torch_thread, to_sgm_name  # noqa: F401 (fixture)
 
 from impasto.lora import (
     AdapterFormatError,
@@ -156,3 +157,33 @@ def test_cli_reads_cloneofsimo_files_with_model(tmp_path, capsys):
     out = tmp_path / "k.safetensors"
     assert main(["lora", "convert", str(src), str(out), "--to", "kohya", "--model", str(base)]) == 0
     assert_deltas_close(deltas(load_adapter(out), b), ref)
+
+
+def test_cli_maps_kohya_sgm_names_by_the_model_folders_unet(tmp_path, capsys):
+    """A kohya SDXL file numbers the UNet's blocks the SGM way, which depends on the UNet's
+    layers_per_block. With --model the CLI reads it from the folder's UNet config (here 1, not
+    the usual 2): the file converts onto the model's own modules, with no warning. Without it the
+    names are mapped for 2, and the warning says so."""
+    b = Bundle(seed=3, layers_per_block=1)
+    kohya = load_file(b.write_kohya(tmp_path / "k.safetensors"))
+    sgm = {}
+    for key, value in kohya.items():
+        name, _, suffix = key.partition(".")
+        if "samplers" not in name:  # only the attention/resnet blocks are renumbered
+            sgm[f"{to_sgm_name(name, layers_per_block=1)}.{suffix}"] = value
+    assert any("input_blocks_" in k for k in sgm)
+    src = tmp_path / "sgm.safetensors"
+    save_file(sgm, str(src))
+    base = _model_folder(b, tmp_path / "base")
+
+    capsys.readouterr()
+    assert main(["lora", "inspect", str(src), "--json"]) == 0
+    assert any("layers_per_block=2" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+    assert main(["lora", "inspect", str(src), "--json", "--model", str(base)]) == 0
+    assert not any("layers_per_block" in w for w in json.loads(capsys.readouterr().out)["warnings"])
+
+    out = tmp_path / "d.safetensors"
+    assert main(["lora", "convert", str(src), str(out), "--to", "diffusers", "--model", str(base)]) == 0
+    converted = deltas(load_adapter(out), b)
+    expected = {k: v for k, v in b.deltas.items() if k.startswith("text_encoder.") or "samplers" not in k}
+    assert_deltas_close(converted, expected)
