@@ -130,6 +130,10 @@ def server_info(info: dict) -> pb.GetServerInfoResponse:
             )
             for model, e in info["engines"]
         ],
+        scheduler=pb.SchedulerInfo(
+            fast_lane_max_steps=info["fast_lane_max_steps"],
+            fast_lane_max_stretch=info["fast_lane_max_stretch"],
+        ),
     )
 
 

@@ -9,6 +9,7 @@ from PIL import Image as PILImage
 
 from image_checks import pixels, psnr
 from impasto.core.image_encoding import read_infotext
+from impasto.config import SchedulerConfig
 from impasto.core.infotext import parse_infotext
 from impasto_client import Done, Image, Progress, Queued, Started
 
@@ -118,4 +119,7 @@ def test_lists_models_samplers_and_server_info(client):
     if not backends["tensorrt"].available:
         assert backends["tensorrt"].reason  # says why, e.g. no NVIDIA GPU
     assert info.limits.max_steps > 0
+    defaults = SchedulerConfig()
+    assert info.scheduler.fast_lane_max_steps == defaults.fast_lane_max_steps
+    assert info.scheduler.fast_lane_max_stretch == pytest.approx(defaults.fast_lane_max_stretch)
     assert {e.component for e in info.engines} >= {"text_encoder", "unet", "vae_decoder"}
