@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -48,3 +49,23 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
     for row in cells:
         print(" | ".join(c.ljust(w) for c, w in zip(row, widths)))
     print()
+
+
+def wilson_interval(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a hit rate measured on n images.
+
+    Judged rates are binomial: 69% of 80 images is 58-78%, so one run cannot tell 69% from a 70%
+    bar. Wilson's interval stays inside [0, 1] and is honest at rates near 0 or 1, where the
+    normal approximation is not.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rate_with_interval(rate: float, n: int) -> str:
+    """'69% [58-78%]': a hit rate and its 95% interval."""
+    lo, hi = wilson_interval(rate, n)
+    return f"{rate:.0%} [{lo * 100:.0f}-{hi:.0%}]"

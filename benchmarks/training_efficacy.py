@@ -40,6 +40,7 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    StartTraining (class images from the server's own step loop), WatchJob, then Generate with
    `<lora:name:1>` through the server; the served images are judged. Wall time end to end.
 
+Hit rates print with their 95% Wilson interval over the images judged ("69% [58-78%]").
 Everything runs in this process with the trainers of impasto.training (the server's jobs run the
 same trainers); images come from diffusers' pipeline over the training copy, default settings.
 """
@@ -58,7 +59,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import print_header, print_table  # noqa: E402
+from bench_common import print_header, print_table, rate_with_interval  # noqa: E402
 
 from impasto.models import DEFAULT_SETTINGS, default_model_path  # noqa: E402
 from impasto.models.judge import judge  # noqa: E402
@@ -229,6 +230,9 @@ def main() -> None:
     only = set(args.only.split(",")) if args.only else {"dreambooth", "noprior", "ti_colour", "ti_shape", "pivotal", "pivotal_prior", "pivotal_joint"}
     seeds = list(range(args.seeds))
     base_seeds = list(range(100, 100 + args.base_seeds))
+    # Images behind each rate, for its 95% interval (the table prints "rate [low-high%]").
+    n_star = len(seeds) * len(EVAL_COLOURS)
+    n_base = len(base_seeds) * len(SEEN_SHAPES) * len(EVAL_COLOURS)
     work = Path(tempfile.mkdtemp(prefix="impasto-efficacy-"))
     print_header("Training efficacy on the embedded shapes model (judge: models/judge.py)")
     print(f"options: {vars(args)}")
@@ -237,7 +241,7 @@ def main() -> None:
     base = load_components(args.model)
     base_rate = base_classes_rate(base, base_seeds)
     star_before, _ = concept_rates(base, "a {colour} sks shape", f"a {{colour}} {HELD_OUT_SHAPE}", seeds)
-    print(f"base model: base classes {base_rate:.0%}; 'a <colour> sks shape' judged a star {star_before:.0%}\n", flush=True)
+    print(f"base model: base classes {rate_with_interval(base_rate, n_base)}; 'a <colour> sks shape' judged a star {star_before:.0%}\n", flush=True)
 
     star_data = render_dataset(work / "stars", [(HELD_OUT_SHAPE, c) for c in INSTANCE_COLOURS], [f"a {c} {{token}} shape" for c in INSTANCE_COLOURS], 1)
     pink_shapes = list(SEEN_SHAPES)[:5]
@@ -278,7 +282,8 @@ def main() -> None:
         results[name] = shape_rate
         rows.append([
             f"DreamBooth-LoRA ({'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, f"{size / 1024:.0f} KiB",
-            f"{shape_rate:.0%} star ({pair_rate:.0%} star+colour)", f"{base_rate:.0%} -> {after:.0%} ({(after - base_rate) * 100:+.0f} pts)",
+            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)",
+            f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)",
             f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip
 
@@ -297,8 +302,9 @@ def main() -> None:
         colour_rate, pair_rate = pink_rate(tuner)
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
         rows.append([
-            "Textual inversion (pink)", tuner.step, f"{seconds:.0f}s", "-", "-", f"{colour_rate:.0%} pink ({pair_rate:.0%} pink+shape)",
-            f"{base_rate:.0%} -> {after:.0%}", f"step {reached[0]}, {reached[1]:.0f}s (70% bar)" if reached else "not reached (70% bar)",
+            "Textual inversion (pink)", tuner.step, f"{seconds:.0f}s", "-", "-",
+            f"{rate_with_interval(colour_rate, args.colour_seeds * len(SEEN_SHAPES))} pink ({pair_rate:.0%} pink+shape)",
+            f"{base_rate:.0%} -> {rate_with_interval(after, n_base)}", f"step {reached[0]}, {reached[1]:.0f}s (70% bar)" if reached else "not reached (70% bar)",
         ])  # fmt: skip
 
     if "ti_shape" in only:
@@ -311,7 +317,7 @@ def main() -> None:
         history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8)
         shape_rate, pair_rate = star_rate(tuner, tuner.embeddings, "<sks>")
         results["ti_shape"] = shape_rate
-        rows.append(["Textual inversion (star)", tuner.step, f"{seconds:.0f}s", "-", "-", f"{shape_rate:.0%} star ({pair_rate:.0%} star+colour)", "", f"step {reached[0]}" if reached else "not reached"])
+        rows.append(["Textual inversion (star)", tuner.step, f"{seconds:.0f}s", "-", "-", f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)", "", f"step {reached[0]}" if reached else "not reached"])
 
     if "served" in only:
         print("served: DreamBooth-LoRA as a server job over gRPC", flush=True)
@@ -342,8 +348,8 @@ def main() -> None:
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
         results[name] = shape_rate
         rows.append([
-            f"Pivotal tuning ({'LoRA with the token' if joint else 'token, then LoRA'}; star, {'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, "-", f"{shape_rate:.0%} star ({pair_rate:.0%} star+colour)",
-            f"{base_rate:.0%} -> {after:.0%} ({(after - base_rate) * 100:+.0f} pts)", f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
+            f"Pivotal tuning ({'LoRA with the token' if joint else 'token, then LoRA'}; star, {'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, "-", f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)",
+            f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)", f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip
 
     print()
