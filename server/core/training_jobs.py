@@ -272,17 +272,12 @@ class TrainingJobs:
             self._subscribers.setdefault(job_id, []).append(subscriber)
         try:
             yield JobStatus(snapshot)
-            said_resumed = snapshot.resumed_from_step
-            if said_resumed:
-                yield JobResumed(said_resumed)
+            if snapshot.resumed_from_step:
+                yield JobResumed(snapshot.resumed_from_step)
             if snapshot.state in FINAL:
                 return
             while True:
                 event = await queue.get()
-                # A watcher that subscribed between the resume and its event has it already,
-                # from the snapshot: one resume is said once.
-                if isinstance(event, JobResumed) and event.from_step == said_resumed:
-                    continue
                 yield event
                 if isinstance(event, JobStatus) and event.job.state in FINAL:
                     return
@@ -303,9 +298,14 @@ class TrainingJobs:
     def _save(self, job: JobRecord) -> None:
         write_json(self._dir(job) / RECORD, job.to_json())
 
-    def _emit(self, job: JobRecord, event: JobEvent) -> None:
-        with self._lock:
-            subscribers = list(self._subscribers.get(job.job_id, []))
+    def _emit(self, job: JobRecord, event: JobEvent, subscribers: list | None = None) -> None:
+        """Send `event` to the job's watchers. A change that a watcher's snapshot also shows
+        passes the `subscribers` it read under the lock that made the change: a watcher then
+        either subscribed before (its snapshot is older; it gets the event) or after (its
+        snapshot has the change; it does not), never both."""
+        if subscribers is None:
+            with self._lock:
+                subscribers = list(self._subscribers.get(job.job_id, []))
         for loop, queue in subscribers:
             with contextlib.suppress(RuntimeError):  # that watcher's event loop is closed
                 loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -315,7 +315,8 @@ class TrainingJobs:
             job.state, job.message = state, message
             self._save(job)
             snapshot = self._copy(job)
-        self._emit(job, JobStatus(snapshot))
+            subscribers = list(self._subscribers.get(job.job_id, []))
+        self._emit(job, JobStatus(snapshot), subscribers)
 
     def _end(self, job: JobRecord, state: JobState, message: str = "") -> None:
         job.finished = time.time()
@@ -373,10 +374,12 @@ class TrainingJobs:
         checkpoint = folder / CHECKPOINT
         if checkpoint.is_file():
             tuner.load_state_dict(torch.load(checkpoint, weights_only=True))
-            job.resumed_from_step = tuner.step
-            job.step = tuner.step
+            with self._lock:
+                job.resumed_from_step = tuner.step
+                job.step = tuner.step
+                subscribers = list(self._subscribers.get(job.job_id, []))
             log.info("training job %s resumed from step %d", job.job_id, tuner.step)
-            self._emit(job, JobResumed(tuner.step))
+            self._emit(job, JobResumed(tuner.step), subscribers)
         job.num_steps = tuner.num_steps
         self._set_state(job, JobState.RUNNING)
         every = spec.checkpoint_every or self.config.checkpoint_every

@@ -135,3 +135,43 @@ def test_the_peft_export_writes_in_a_temp_folder_the_restart_removes(tmp_path, m
     _remove_partial_writes(tmp_path)
     assert not any(Path(name).exists() for name in made)
     assert all(path.exists() for path in files.values())
+
+
+
+def test_a_watcher_that_subscribes_during_a_state_change_sees_it_once(tmp_path, monkeypatch):
+    """A watcher's snapshot and the change's event must not both carry one change. Here a
+    watcher subscribes after the change is made, while its event is being built: it sees RUNNING
+    in its snapshot, and the event goes only to the watchers there were when the change was
+    made (the subscriber list is read under the lock that made it)."""
+    import asyncio
+
+    from impasto.core import training_jobs
+
+    jobs = TrainingJobs(ServerConfig(data_dir=tmp_path), SimpleNamespace())
+    job = JobRecord("j", TrainingSpec("lora", "d", "a"))
+    jobs._jobs["j"] = job
+    events: list = []
+
+    async def collect():
+        stream = jobs.watch("j")
+        try:
+            while True:  # until the stream has been quiet for half a second
+                events.append(await asyncio.wait_for(stream.__anext__(), 0.5))
+        except asyncio.TimeoutError:
+            pass
+
+    watcher = threading.Thread(target=lambda: asyncio.run(collect()), daemon=True)
+    changer = threading.current_thread()
+
+    class StatusBuiltWhileAWatcherSubscribes(training_jobs.JobStatus):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if threading.current_thread() is changer and not watcher.is_alive():
+                watcher.start()
+                threading.Event().wait(0.3)  # the watcher has subscribed by now
+
+    monkeypatch.setattr(training_jobs, "JobStatus", StatusBuiltWhileAWatcherSubscribes)
+    jobs._set_state(job, JobState.RUNNING)
+    watcher.join(10)
+    states = [e.job.state for e in events if isinstance(e, training_jobs.JobStatus)]
+    assert states == [JobState.RUNNING], states
