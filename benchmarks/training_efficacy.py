@@ -91,10 +91,12 @@ def generate(parts, prompts: list[str], seeds: list[int], embeddings=None) -> li
     return out
 
 
+BASE_CLASS_PROMPTS = [f"a {c} {s}" for s in SEEN_SHAPES for c in EVAL_COLOURS]
+
+
 def base_classes_rate(parts, seeds, embeddings=None) -> float:
-    prompts = [f"a {c} {s}" for s in SEEN_SHAPES for c in EVAL_COLOURS]
-    images = generate(parts, prompts, seeds, embeddings)
-    return judge(images, prompts * len(seeds)).hit_rate
+    images = generate(parts, BASE_CLASS_PROMPTS, seeds, embeddings)
+    return judge(images, BASE_CLASS_PROMPTS * len(seeds)).hit_rate
 
 
 def concept_rates(parts, prompt_tpl: str, judged_tpl: str, seeds, embeddings=None, colours=EVAL_COLOURS, shapes=None) -> tuple[float, float]:
@@ -231,8 +233,8 @@ def main() -> None:
     seeds = list(range(args.seeds))
     base_seeds = list(range(100, 100 + args.base_seeds))
     # Images behind each rate, for its 95% interval (the table prints "rate [low-high%]").
-    n_star = len(seeds) * len(EVAL_COLOURS)
-    n_base = len(base_seeds) * len(SEEN_SHAPES) * len(EVAL_COLOURS)
+    n_star = len(seeds) * len(EVAL_COLOURS)  # concept_rates: one prompt per colour
+    n_base = len(base_seeds) * len(BASE_CLASS_PROMPTS)
     work = Path(tempfile.mkdtemp(prefix="impasto-efficacy-"))
     print_header("Training efficacy on the embedded shapes model (judge: models/judge.py)")
     print(f"options: {vars(args)}")
