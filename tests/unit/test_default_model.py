@@ -87,8 +87,8 @@ def test_default_image_shape_and_determinism(pipe):
 
 # Seed 0 of prompts the shipped weights draw correctly: a regression check (loading, sampler,
 # precision) for every path that must reproduce diffusers' images. How often the model draws
-# what it is asked is measured by benchmarks/default_model_quality.py, not here; the shipped
-# model is undertrained and mostly fails on shapes other than the circle.
+# what it is asked is measured by benchmarks/default_model_quality.py, not here (one seed per
+# prompt says little about a rate).
 @pytest.mark.parametrize("prompt", ["a green circle", "a blue circle", "a circle"])
 def test_a_fixed_seed_image_is_judged_correct(pipe, prompt):
     image = generate(pipe, prompt, seed=0)
