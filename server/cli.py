@@ -61,13 +61,10 @@ def _client(args):
     return ImpastoClient(args.target)
 
 
-def _progress_bar(step: int, total: int, eta: float, width: int = 30) -> str:
-    filled = int(width * step / max(total, 1))
-    return f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} eta {eta:5.1f}s"
-
-
 def _generate(args) -> int:
     from impasto_client import Done, Image, ImpastoError, Progress, Queued, Started
+
+    from .cli_output import ProgressPrinter, write_file
 
     width, height = 0, 0
     if args.size:
@@ -78,6 +75,7 @@ def _generate(args) -> int:
     out = Path(args.output)
     fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
     client = _client(args)
+    progress = ProgressPrinter(sys.stderr)
     try:
         for event in client.generate(
             args.prompt,
@@ -95,24 +93,20 @@ def _generate(args) -> int:
             timeout=args.timeout,
         ):
             if isinstance(event, Queued):
-                print(f"queued at position {event.position}", file=sys.stderr)
+                progress.message(f"queued at position {event.position}")
             elif isinstance(event, Started):
-                print(f"started: {event.model}, {event.sampler}, {event.width}x{event.height}, seed {event.seed}", file=sys.stderr)
+                progress.message(f"started: {event.model}, {event.sampler}, {event.width}x{event.height}, seed {event.seed}")
             elif isinstance(event, Progress):
-                print(_progress_bar(event.step, event.num_steps, event.eta_seconds), end="", file=sys.stderr, flush=True)
+                progress.update(event.step, event.num_steps, f"eta {event.eta_seconds:5.1f}s")
                 if event.preview and args.preview_dir:
-                    Path(args.preview_dir).mkdir(parents=True, exist_ok=True)
-                    (Path(args.preview_dir) / f"preview_{event.step:04d}.jpg").write_bytes(event.preview)
+                    write_file(Path(args.preview_dir) / f"preview_{event.step:04d}.jpg", event.preview)
             elif isinstance(event, Image):
                 path = out if args.num_images == 1 else out.with_name(f"{out.stem}-{event.index}{out.suffix}")
-                tmp = path.with_name(path.name + ".part")
-                tmp.write_bytes(event.data)
-                tmp.replace(path)
-                print(f"\nwrote {path} (seed {event.seed})", file=sys.stderr)
+                progress.message(f"wrote {write_file(path, event.data)} (seed {event.seed})")
             elif isinstance(event, Done):
-                print(f"done in {event.elapsed_seconds:.2f}s", file=sys.stderr)
+                progress.message(f"done in {event.elapsed_seconds:.2f}s")
     except ImpastoError as error:
-        print(f"\nimpasto: {error}", file=sys.stderr)
+        progress.message(f"impasto: {error}")
         return 2
     finally:
         client.close()

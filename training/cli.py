@@ -14,11 +14,6 @@ import sys
 from pathlib import Path
 
 
-def _bar(step: int, total: int, loss: float, eta: float, phase: str, width: int = 30) -> str:
-    filled = int(width * step / max(total, 1))
-    return f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{total} loss {loss:.4f} {phase} eta {eta:5.0f}s "
-
-
 def _client(args):
     try:
         from impasto_client import ImpastoClient
@@ -30,21 +25,24 @@ def _client(args):
 def _watch(client, job_id: str, args) -> int:
     from impasto_client.training import JobResumed, JobStatus, TrainingProgress, TrainingSample
 
+    from impasto.cli_output import ProgressPrinter, file_slug, write_file
+
+    progress = ProgressPrinter(sys.stderr)
     last = None
     for event in client.watch_job(job_id):
         if isinstance(event, TrainingProgress):
-            print(_bar(event.step, event.num_steps, event.loss, event.eta_seconds, event.phase), end="", file=sys.stderr, flush=True)
+            progress.update(event.step, event.num_steps, f"loss {event.loss:.4f} {event.phase} eta {event.eta_seconds:5.0f}s")
         elif isinstance(event, JobResumed):
-            print(f"\nresumed from the checkpoint at step {event.from_step}", file=sys.stderr)
+            progress.message(f"resumed from the checkpoint at step {event.from_step}")
+            progress.restart()
         elif isinstance(event, TrainingSample):
             if args.samples_dir:
-                Path(args.samples_dir).mkdir(parents=True, exist_ok=True)
-                path = Path(args.samples_dir) / f"step{event.step:05d}-{abs(hash(event.prompt)) % 10_000:04d}.png"
-                path.write_bytes(event.image)
-                print(f"\nsample: {path} ({event.prompt})", file=sys.stderr)
+                # Named by step and prompt, so a rerun writes the same names and two prompts never share one.
+                path = write_file(Path(args.samples_dir) / f"step{event.step:05d}-{file_slug(event.prompt)}.png", event.image)
+                progress.message(f"sample: {path} ({event.prompt})")
         elif isinstance(event, JobStatus):
             if last is None or event.state != last.state:
-                print(f"\njob {event.job_id}: {event.state}{' - ' + event.message if event.message else ''}", file=sys.stderr)
+                progress.message(f"job {event.job_id}: {event.state}{' - ' + event.message if event.message else ''}")
             last = event
     if last is None or last.state != "succeeded":
         return 2
@@ -52,11 +50,9 @@ def _watch(client, job_id: str, args) -> int:
         print(f"adapter '{last.adapter_name}' registered (id {last.adapter_id}); use <lora:{last.adapter_name}:1> in a prompt")
     if args.download_dir:
         out = Path(args.download_dir)
-        out.mkdir(parents=True, exist_ok=True)
         for output in last.outputs:
             name, data = client.download_job_output(job_id, output)
-            (out / name).write_bytes(data)
-            print(f"wrote {out / name}")
+            print(f"wrote {write_file(out / Path(name).name, data)}")
     return 0
 
 
@@ -156,7 +152,11 @@ def _watch_options(parser) -> None:
 
 def add_train_command(subparsers) -> None:
     target = {"default": "localhost:50051", "help": "server address (default localhost:50051)"}
-    train = subparsers.add_parser("train", help="train an adapter on a running server, with a progress bar")
+    train = subparsers.add_parser(
+        "train", help="train an adapter on a running server, with a progress bar",
+        description="Train an adapter on a running server and watch it. A numeric option left out or 0, and a "
+        "flag left off, takes the server's default for the method (for example 300 steps, 400 for pivotal tuning).",
+    )  # fmt: skip
     train.add_argument("method", choices=["lora", "dreambooth_lora", "textual_inversion", "pivotal_tuning"])
     train.add_argument("--target", **target)
     train.add_argument("--dataset", required=True, help="dataset folder name under the server's data dir (or the name to upload as)")

@@ -142,10 +142,15 @@ def test_cli_train_with_upload_and_progress_bar(served, tmp_path, capsys):
     server, client, _ = served
     argv = ["train", "lora", "--target", server.target, "--upload", str(star_files(tmp_path)), "--dataset", "cli-stars",
             "--adapter-name", "cli-star", "--instance-prompt", "a sks shape", "--steps", "3", "--batch-size", "1", "--rank", "1",
-            "--download-dir", str(tmp_path / "out")]  # fmt: skip
+            "--download-dir", str(tmp_path / "out"), "--sample-every", "3", "--sample-prompt", "a sks shape",
+            "--samples-dir", str(tmp_path / "samples")]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "3/3" in captured.err and "succeeded" in captured.err
+    # Not a terminal: plain progress lines, not a redrawn bar (the in-process server's own
+    # weight-loading bar also writes to this stderr, hence "\r[").
+    assert "\r[" not in captured.err and "] 3/3 loss" in captured.err
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step00003-a-sks-shape.png"]
     assert "adapter 'cli-star' registered" in captured.out
     assert (tmp_path / "out" / "cli-star.safetensors").is_file() and (tmp_path / "out" / "cli-star.diffusers.safetensors").is_file()
     assert main(["jobs", "--target", server.target]) == 0
