@@ -256,12 +256,13 @@ class AdapterRegistry:
             self.discard(upload)
 
     @staticmethod
-    def check_name(name: str, format: str | None = None) -> None:
-        """The header's checks, done before any byte of the file is received."""
+    def check_name(name: str, format: str | None = None, field: str = "name") -> None:
+        """The header's checks, done before any byte of the file is received. `field`: the
+        request field the name came in (UploadAdapter's `name`, StartTraining's `adapter_name`)."""
         if not NAME_PATTERN.match(name or ""):
-            raise InvalidArgument("name", f"{name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise InvalidArgument(field, f"{name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
         if re.fullmatch(r"[0-9a-f]{64}", name):
-            raise InvalidArgument("name", "must not look like an adapter id (64 hex digits)")
+            raise InvalidArgument(field, "must not look like an adapter id (64 hex digits)")
         if format is not None and format not in FORMATS:
             raise InvalidArgument("format", f"unknown format {format!r}; known: {', '.join(FORMATS)}")
 

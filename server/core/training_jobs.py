@@ -208,7 +208,7 @@ class TrainingJobs:
         """Check and queue a job; (its record, how many jobs run or wait before it)."""
         validate_spec(spec)
         self.datasets.resolve(spec.dataset)
-        self.engine.adapters.check_name(spec.adapter_name)
+        self.engine.adapters.check_name(spec.adapter_name, field="adapter_name")
         try:
             entry = self.engine.registry.resolve(spec.model)
         except NotFound as exc:

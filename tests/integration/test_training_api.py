@@ -130,6 +130,8 @@ def test_bad_options_name_the_field(served, tmp_path):
         client.start_training("dreambooth_lora", dataset="plain", adapter_name="db1")
     with pytest.raises(InvalidArgumentError, match="token"):
         client.start_training("textual_inversion", dataset="plain", adapter_name="ti1")
+    with pytest.raises(InvalidArgumentError, match="adapter_name: 'bad/name' must be"):
+        client.start_training("lora", dataset="plain", adapter_name="bad/name")
     with pytest.raises(InvalidArgumentError, match="no dataset"):
         client.start_training("lora", dataset="missing", adapter_name="x2")
     with pytest.raises(NotFoundError):
