@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
+from .file_modes import usual_mode
+
 PLAIN_LINES_PER_RUN = 10  # without a terminal: the first step, then one line per tenth
 
 
@@ -68,7 +70,7 @@ def write_file(path: str | os.PathLike, data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        os.replace(usual_mode(tmp), path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from impasto.file_modes import usual_mode
+
 from .data import IMAGE_SUFFIXES, METADATA_FILE
 
 CROPS = ("center", "random", "bucket")
@@ -175,6 +177,7 @@ def prepare(cfg: PrepConfig) -> PrepReport:
         report.kept = rows
         (tmp / METADATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (tmp / REPORT_FILE).write_text(json.dumps({"kept": len(rows), "skipped": report.skipped, "config": cfg.__dict__}, indent=2))
+        usual_mode(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 
@@ -17,6 +18,7 @@ from impasto.compiler import onnxruntime_build
 from impasto.compiler.build import BuildRequest, compile_model
 from impasto.compiler.cli import main as cli_main
 from impasto.compiler.profiles import parse_profile
+from impasto.file_modes import current_umask
 from tiny_sd_model import PROFILE_SIZE, engine_folder, tiny_model_dir, torch_engines
 
 
@@ -38,6 +40,8 @@ def test_manifest_records_source_backend_precision_profiles_and_time():
     assert manifest.profiles == [Profile(PROFILE_SIZE, PROFILE_SIZE, 1, 2)]
     assert manifest.build_time and manifest.build_seconds > 0
     assert set(manifest.components) == {Component.TEXT_ENCODER, Component.UNET, Component.VAE_DECODER, Component.VAE_ENCODER}
+    # mkdtemp's 0700 is not what a server running as another user could read
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~current_umask()
 
 
 def test_refit_map_names_every_torch_weight_with_its_layout():
