@@ -2,25 +2,21 @@
 
 A pickle (`.bin`, `.pt`, `.ckpt`, ...) runs code when it is loaded, so an uploaded adapter in
 that container is refused before anything reads it, with a reason that says how to convert it.
-Every write goes to a temporary name in the destination's folder and is moved into place with
-`os.replace` (files) or `os.rename` (folders), so a reader never sees half a file and a crash
+Every write is atomic (impasto.atomic_files): a reader never sees half a file, and a crash
 leaves the old one intact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from impasto.file_modes import usual_mode
+from impasto.atomic_files import replacing_file
 
 from .errors import AdapterFormatError
 
@@ -60,60 +56,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Write atomically. Tensors are made contiguous (safetensors requires it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"format": "pt", **(metadata or {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(usual_mode(tmp), path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    with replacing_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.replace(usual_mode(tmp), path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `final`; on success it becomes `final` in one rename.
-
-    `final` existing is an error unless `overwrite`; then the old folder is moved aside, the new
-    one renamed in, and the old one deleted (a directory cannot be replaced by one rename).
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} exists; pass overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        yield tmp
-        usual_mode(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.rmdir(old)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with replacing_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
+    return Path(path)

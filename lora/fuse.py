@@ -17,7 +17,9 @@ from safetensors import safe_open
 
 from .compose import AdapterSet, compose
 from .errors import AdapterFormatError
-from .files import atomic_directory, write_safetensors
+from impasto.atomic_files import atomic_directory
+
+from .files import write_safetensors
 from .model_folder import component_files, weight_shapes
 
 

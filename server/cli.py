@@ -64,7 +64,8 @@ def _client(args):
 def _generate(args) -> int:
     from impasto_client import Done, Image, ImpastoError, Progress, Queued, Started
 
-    from .cli_output import ProgressPrinter, write_file
+    from .atomic_files import write_file
+    from .cli_output import ProgressPrinter
 
     width, height = 0, 0
     if args.size:

@@ -1,26 +1,19 @@
-"""What the command-line tools write while a stream runs: a progress bar and the files it yields.
+"""What the command-line tools print while a stream runs: a progress bar, and names for its files.
 
 On a terminal the bar is redrawn in place (`\\r`) at every event. Piped into a log file or a CI
 job, `\\r` does not redraw anything: every update would pile onto one line hundreds of kilobytes
 long (a 300-step training job wrote 300 bars on one line). There the bar prints as a plain line
 at each tenth of the way instead, the way pip and docker behave without a terminal.
 
-Files (images, samples, downloaded adapters) are written to a temporary name in the
-destination's folder and moved into place, so an interrupted command never leaves half a file
-under the name the user asked for.
+The files a stream yields (images, samples, downloaded adapters) are written with
+impasto.atomic_files.write_file: an interrupted command never leaves half a file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import sys
-import tempfile
-from pathlib import Path
 from typing import TextIO
-
-from .file_modes import usual_mode
 
 PLAIN_LINES_PER_RUN = 10  # without a terminal: the first step, then one line per tenth
 
@@ -60,22 +53,6 @@ class ProgressPrinter:
     def restart(self) -> None:
         """A new run of steps (a resumed job, the next image): print its start again when piped."""
         self._printed_share = -1
-
-
-def write_file(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` whole or not at all (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(usual_mode(tmp), path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def file_slug(text: str, max_length: int = 48) -> str:

@@ -25,7 +25,8 @@ def _client(args):
 def _watch(client, job_id: str, args) -> int:
     from impasto_client.training import JobResumed, JobStatus, TrainingProgress, TrainingSample
 
-    from impasto.cli_output import ProgressPrinter, file_slug, write_file
+    from impasto.atomic_files import write_file
+    from impasto.cli_output import ProgressPrinter, file_slug
 
     progress = ProgressPrinter(sys.stderr)
     last = None

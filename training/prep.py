@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from impasto.file_modes import usual_mode
+from impasto.atomic_files import atomic_directory
 
 from .data import IMAGE_SUFFIXES, METADATA_FILE
 
@@ -132,9 +130,7 @@ def prepare(cfg: PrepConfig) -> PrepReport:
     min_size = cfg.min_size or cfg.size // 2
     options = buckets(cfg.size, cfg.bucket_step)
     report = PrepReport()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
         (tmp / "images").mkdir()
         if cfg.masks:
             (tmp / "masks").mkdir()
@@ -177,11 +173,4 @@ def prepare(cfg: PrepConfig) -> PrepReport:
         report.kept = rows
         (tmp / METADATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (tmp / REPORT_FILE).write_text(json.dumps({"kept": len(rows), "skipped": report.skipped, "config": cfg.__dict__}, indent=2))
-        usual_mode(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

@@ -1,13 +1,10 @@
-"""The CLIs' progress bar and output files: redrawn on a terminal, a few plain lines in a log."""
+"""The CLIs' progress bar (redrawn on a terminal, a few plain lines in a log) and file names."""
 
 from __future__ import annotations
 
 import io
-import os
 
-import pytest
-
-from impasto.cli_output import PLAIN_LINES_PER_RUN, ProgressPrinter, file_slug, write_file
+from impasto.cli_output import PLAIN_LINES_PER_RUN, ProgressPrinter, file_slug
 
 
 class Terminal(io.StringIO):
@@ -48,25 +45,6 @@ def test_on_a_terminal_the_bar_is_redrawn_and_messages_start_a_new_line():
     progress.message("done")
     assert tty.getvalue().count("\r") == 2
     assert tty.getvalue().endswith("2/2 eta 0.1s \nwrote out.png\ndone\n")
-
-
-def test_write_file_replaces_whole_and_leaves_no_temporary(tmp_path):
-    path = write_file(tmp_path / "sub" / "a.png", b"new")
-    assert path.read_bytes() == b"new"
-    assert os.listdir(tmp_path / "sub") == ["a.png"]
-
-
-def test_write_file_that_fails_keeps_the_old_file(tmp_path):
-    (tmp_path / "a.png").write_bytes(b"old")
-
-    class Unwritable:  # fails inside the write, after the temporary file exists
-        def __len__(self):
-            return 3
-
-    with pytest.raises(TypeError):
-        write_file(tmp_path / "a.png", Unwritable())
-    assert (tmp_path / "a.png").read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["a.png"]
 
 
 def test_file_slug_is_stable_and_safe():

@@ -18,7 +18,7 @@ from impasto.compiler import onnxruntime_build
 from impasto.compiler.build import BuildRequest, compile_model
 from impasto.compiler.cli import main as cli_main
 from impasto.compiler.profiles import parse_profile
-from impasto.file_modes import current_umask
+from impasto.atomic_files import current_umask
 from tiny_sd_model import PROFILE_SIZE, engine_folder, tiny_model_dir, torch_engines
 
 
