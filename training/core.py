@@ -316,6 +316,7 @@ class FineTuner:
         masked_loss: bool = False,
         trainable_modules: dict[str, nn.Module] | None = None,
         embeddings: TokenEmbeddings | None = None,
+        text_prior=None,  # text_prior.TextPrior: added to the loss in phases that train the text encoder
     ):
         if not phases or any(p.num_steps < 0 for p in phases):
             raise ValueError("a run needs at least one phase with steps >= 0")
@@ -331,6 +332,8 @@ class FineTuner:
         self.prior_loss_weight = prior_loss_weight
         self.trainable_modules = trainable_modules or {}
         self.embeddings = embeddings
+        self.text_prior = text_prior
+        self._holds_text_prior = False
         self.generator = torch.Generator().manual_seed(optim.seed)
         self.step = 0  # steps done, over all phases
         self.running_loss: float | None = None
@@ -379,6 +382,11 @@ class FineTuner:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self._text_cache.clear()  # a new phase may have changed the text encoder's output
         self._phase_index = index
+        # The text prior only steers the text encoder's own weights: a phase that trains only
+        # the token's rows (or only the UNet) gets no gradient from it, so it is not computed.
+        encoder = self.trainable_modules.get("text_encoder")
+        encoder_params = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+        self._holds_text_prior = self.text_prior is not None and any(id(p) in encoder_params for g in phase.param_groups for p in g["params"])
         for module in self.trainable_modules.values():
             module.train()
 
@@ -428,6 +436,8 @@ class FineTuner:
         loss = self._loss(pred[:bs], target[:bs], timesteps[:bs], self.instance.mask_batch(idx) if self.masked_loss else None)
         if len(latents) > bs:
             loss = loss + self.prior_loss_weight * self._loss(pred[bs:], target[bs:], timesteps[bs:], None)
+        if self._holds_text_prior:
+            loss = loss + self.text_prior.loss(self.parts.text_encoder)
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

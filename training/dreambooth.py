@@ -33,6 +33,7 @@ from PIL import Image
 from .core import BaseComponents, FineTuner, Phase, load_components
 from .data import IMAGE_SUFFIXES, Example, centre_crop_resize, dataset_captions, load_dataset, pixels_of
 from .lora_trainer import LoraTrainConfig, add_lora, optim_config
+from .text_prior import text_prior_of
 
 # prompt, number of images, first seed -> uint8 (H, W, 3) arrays
 ClassImageGenerator = Callable[[str, int, int], list[np.ndarray]]
@@ -152,6 +153,7 @@ def build(cfg: DreamBoothConfig, parts: BaseComponents | None = None) -> FineTun
         prior_loss_weight=cfg.prior_loss_weight,
         masked_loss=cfg.masked_loss,
         trainable_modules=modules,
+        text_prior=text_prior_of(cfg, parts),
     )
     tuner.skipped = data.skipped
     return tuner

@@ -28,6 +28,7 @@ from .core import (
     load_components,
 )
 from .data import load_dataset
+from .text_prior import text_prior_of
 
 
 @dataclass
@@ -49,25 +50,38 @@ class LoraTrainConfig:
     masked_loss: bool = False
     snr_gamma: float | None = 5.0
     warmup_steps: int = 10
+    # False: no LoRA on the UNet, so the concept is learnt through the text encoder (its LoRA,
+    # and the token's vectors in pivotal tuning); the UNet draws every other prompt as before.
+    unet_lora: bool = True
+    # Prompts whose text encodings the run holds to the base model's (text_prior.py); they
+    # need a text encoder that trains.
+    text_prior_prompts: tuple[str, ...] = ()
+    text_prior_weight: float = 1.0
 
     def validate(self) -> None:
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
         if self.num_steps < 1 or self.batch_size < 1:
             raise ValueError("num_steps and batch_size must be >= 1")
+        if not self.unet_lora and not self.train_text_encoder:
+            raise ValueError("unet_lora off needs train_text_encoder: the LoRA must go somewhere")
+        if self.text_prior_prompts and not self.train_text_encoder:
+            raise ValueError("text_prior_prompts need train_text_encoder: they hold what the text encoder's LoRA changes")
 
 
 def add_lora(cfg: LoraTrainConfig, parts: BaseComponents) -> tuple[list[dict], dict]:
     """LoRA layers into the training copy; (optimizer groups, {component: module})."""
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
-    targets = UNET_ATTENTION_TARGETS + (UNET_CONV_TARGETS if cfg.conv else ())
-    groups = [{"params": inject_lora(parts.unet, targets, cfg.rank, alpha, cfg.seed), "lr": cfg.unet_lr}]
-    modules = {"unet": parts.unet}
+    groups, modules = [], {}
+    if cfg.unet_lora:
+        targets = UNET_ATTENTION_TARGETS + (UNET_CONV_TARGETS if cfg.conv else ())
+        groups.append({"params": inject_lora(parts.unet, targets, cfg.rank, alpha, cfg.seed), "lr": cfg.unet_lr})
+        modules["unet"] = parts.unet
     if cfg.train_text_encoder:
         groups.append({"params": inject_lora(parts.text_encoder, TEXT_ENCODER_TARGETS, cfg.rank, alpha, cfg.seed + 1), "lr": cfg.text_encoder_lr})
         modules["text_encoder"] = parts.text_encoder
     if cfg.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
+        parts.unet.enable_gradient_checkpointing()  # the UNet's activations carry the gradient either way
         if cfg.train_text_encoder:
             parts.text_encoder.gradient_checkpointing_enable()
     return groups, modules
@@ -85,6 +99,9 @@ def build(cfg: LoraTrainConfig, parts: BaseComponents | None = None) -> FineTune
     )
     groups, modules = add_lora(cfg, parts)
     phase = Phase("lora", cfg.num_steps, groups, trains_text_encoder=cfg.train_text_encoder)
-    tuner = FineTuner(parts, data.examples, [phase], optim_config(cfg), masked_loss=cfg.masked_loss, trainable_modules=modules)
+    tuner = FineTuner(
+        parts, data.examples, [phase], optim_config(cfg), masked_loss=cfg.masked_loss, trainable_modules=modules,
+        text_prior=text_prior_of(cfg, parts),
+    )  # fmt: skip
     tuner.skipped = data.skipped
     return tuner

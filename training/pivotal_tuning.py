@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from .core import BaseComponents, FineTuner, OptimConfig, Phase, load_components
 from .dreambooth import load_class_examples
 from .lora_trainer import LoraTrainConfig, add_lora
+from .text_prior import text_prior_of
 from .textual_inversion import add_token, load_token_dataset
 
 
@@ -84,7 +85,7 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
     class_examples = load_class_examples(cfg, parts.resolution) if cfg.prior_loss_weight > 0 else None
     tuner = FineTuner(
         parts, data.examples, phases, optim, class_examples=class_examples, prior_loss_weight=cfg.prior_loss_weight,
-        masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings,
+        masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings, text_prior=text_prior_of(cfg, parts),
     )  # fmt: skip
     tuner.skipped = data.skipped
     return tuner

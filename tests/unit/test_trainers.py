@@ -342,3 +342,53 @@ def test_saved_embeddings_load_into_a_fresh_copy():
             return parts.text_encoder(ids)[0]
 
     assert torch.allclose(encode(fresh, "a <s2> <s2>_1 shape"), encode(tuner.parts, "a <s2> <s2>_1 shape"))
+
+
+def test_text_encoder_only_pivotal_tuning_leaves_the_unet_and_holds_the_prior_prompts(tmp_path):
+    """unet_lora off: the concept goes into the token and a text-encoder LoRA; the UNet's weights
+    never move, and the text prior keeps the encodings of prompts without the token near the
+    base model's (much nearer than the same run without it)."""
+    prior_prompts = ("a red circle", "a blue square on a white background", "a shape")
+
+    def run(with_prior: bool):
+        parts = load_components(tiny_model_dir())
+        before = base_params(parts)
+        lora = lora_config(
+            num_steps=6, rank=4, text_encoder_lr=5e-2, unet_lora=False, train_text_encoder=True,
+            text_prior_prompts=prior_prompts if with_prior else (), text_prior_weight=100.0,
+        )  # fmt: skip
+        cfg = pivotal_tuning.PivotalTuningConfig(
+            **{**lora.__dict__, "token": "<sks>"}, initializer_token="star", embedding_steps=3, train_lora_with_embedding=True
+        )
+        tuner = pivotal_tuning.build(cfg, parts)
+        ids = parts.tokenizer(list(prior_prompts), padding="max_length", max_length=77, return_tensors="pt").input_ids
+        with torch.no_grad():
+            start = parts.text_encoder(ids)[0]
+        losses = train_fixed(tuner, 6)
+        with torch.no_grad():
+            drift = float((parts.text_encoder(ids)[0] - start).pow(2).mean())
+        return tuner, before, base_params(parts), losses, drift
+
+    tuner, before, after, losses, drift_with = run(True)
+    assert all(np.isfinite(losses))
+    assert not any(k.startswith("unet.") for k in changed(before, after))  # no UNet LoRA, base frozen
+    adapter = tuner.adapter()
+    assert adapter.modules and all(name.startswith("text_encoder") for name in adapter.modules)
+    assert "<sks>" in adapter.embeddings
+    assert {"kohya", "diffusers"} <= set(write_outputs(adapter, tmp_path, "te"))
+    *_, drift_without = run(False)
+    assert drift_with < drift_without / 4, (drift_with, drift_without)
+
+
+def test_text_prior_is_refused_where_it_cannot_act():
+    with pytest.raises(ValueError, match="train_text_encoder"):
+        lora_config(text_prior_prompts=("a red circle",)).validate()
+    with pytest.raises(ValueError, match="unet_lora"):
+        lora_config(unet_lora=False).validate()
+    parts = load_components(tiny_model_dir())
+    cfg = pivotal_tuning.PivotalTuningConfig(
+        **{**lora_config(train_text_encoder=True, text_prior_prompts=("a red <sks> shape",)).__dict__, "token": "<sks>"},
+        initializer_token="star",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="must not contain the new token"):
+        pivotal_tuning.build(cfg, parts)
