@@ -57,6 +57,14 @@ def _watch(client, job_id: str, args) -> int:
     return 0
 
 
+def _text_prior_prompts(args) -> list[str]:
+    prompts = list(args.text_prior_prompt or [])
+    if args.text_prior_file:
+        lines = Path(args.text_prior_file).read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return prompts
+
+
 def _train(args) -> int:
     from impasto_client import ImpastoError
 
@@ -94,6 +102,9 @@ def _train(args) -> int:
             embedding_lr=args.embedding_lr,
             embedding_steps=args.embedding_steps,
             train_lora_with_embedding=args.train_lora_with_embedding,
+            text_encoder_only=args.text_encoder_only,
+            text_prior_prompts=_text_prior_prompts(args),
+            text_prior_weight=args.text_prior_weight,
         )
         print(f"job {job_id} queued", file=sys.stderr)
         if args.detach:
@@ -191,6 +202,13 @@ def add_train_command(subparsers) -> None:
         "--train-lora-with-embedding", action="store_true",
         help="pivotal tuning: the LoRA trains beside the token from the first step (diffusers' order), not after it (lora_pti's)",
     )  # fmt: skip
+    train.add_argument(
+        "--text-encoder-only", action="store_true",
+        help="no LoRA on the UNet: learn the concept through the text encoder (with --train-text-encoder; pivotal tuning adds the token)",
+    )  # fmt: skip
+    train.add_argument("--text-prior-prompt", action="append", help="a prompt whose text encoding the run holds to the base model's; repeat for several")
+    train.add_argument("--text-prior-file", help="a file of such prompts, one per line")
+    train.add_argument("--text-prior-weight", type=float)
     train.add_argument("--detach", action="store_true", help="print the job id and return; watch later with `impasto jobs --watch`")
     _watch_options(train)
     train.set_defaults(func=_train)

@@ -20,7 +20,9 @@ Prior preservation is optional, as in diffusers' advanced DreamBooth-LoRA script
 (class images made by `dreambooth.ensure_class_images`), used in every phase the LoRA trains in.
 It drifts less than DreamBooth-LoRA, but still drifts (the figures above, rank 8, LoCon; two
 runs of the sequential order left the base classes at 61% and 72%): the 1M-parameter UNet has
-little to spare.
+little to spare. With `unet_lora=False` and `train_text_encoder` the LoRA goes on the text
+encoder only, and `text_prior_prompts` (text_prior.py) hold other prompts' encodings: the UNet
+is never touched, and on that model the star reached 84% with the base classes at 98%.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ DEFAULT_STEPS = {"lora": 300, "dreambooth_lora": 300, "textual_inversion": 300, 
 MAX_STEPS = 100_000
 MAX_BATCH = 64
 MAX_RANK = 256
+MAX_TEXT_PRIOR_PROMPTS = 1024  # each is a text-encoder pass per step
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class TrainingSpec:
     conv: bool = False
     unet_lr: float | None = None
     text_encoder_lr: float | None = None
+    text_encoder_only: bool = False
+    text_prior_prompts: tuple[str, ...] = ()
+    text_prior_weight: float | None = None
     # DreamBooth
     class_prompt: str = ""
     num_class_images: int = 0
@@ -59,6 +63,7 @@ class TrainingSpec:
     def to_json(self) -> dict:
         d = asdict(self)
         d["sample_prompts"] = list(self.sample_prompts)
+        d["text_prior_prompts"] = list(self.text_prior_prompts)
         return d
 
     @classmethod
@@ -66,6 +71,7 @@ class TrainingSpec:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["sample_prompts"] = tuple(d.get("sample_prompts", ()))
+        d["text_prior_prompts"] = tuple(d.get("text_prior_prompts", ()))
         return cls(**d)
 
     @property
@@ -97,6 +103,21 @@ def validate_spec(spec: TrainingSpec) -> None:
         value = getattr(spec, name)
         if value is not None and not 0 < value < 1:
             raise InvalidArgument(name, f"must be in (0, 1), got {value}")
+    if spec.method == "textual_inversion":
+        if spec.text_encoder_only:
+            raise InvalidArgument("lora.text_encoder_only", "textual inversion trains no LoRA")
+        if spec.text_prior_prompts:
+            raise InvalidArgument("lora.text_prior_prompts", "textual inversion changes no other prompt's encoding")
+    if spec.text_encoder_only and not spec.train_text_encoder:
+        raise InvalidArgument("lora.text_encoder_only", "needs lora.train_text_encoder: the LoRA must go somewhere")
+    if spec.text_prior_prompts and not spec.train_text_encoder:
+        raise InvalidArgument("lora.text_prior_prompts", "need lora.train_text_encoder: they hold what the text encoder's LoRA changes")
+    if len(spec.text_prior_prompts) > MAX_TEXT_PRIOR_PROMPTS:
+        raise InvalidArgument("lora.text_prior_prompts", f"at most {MAX_TEXT_PRIOR_PROMPTS}")
+    if spec.token and any(spec.token in p for p in spec.text_prior_prompts):
+        raise InvalidArgument("lora.text_prior_prompts", f"must not contain the new token {spec.token!r}: they are what it must leave alone")
+    if spec.text_prior_weight is not None and spec.text_prior_weight <= 0:
+        raise InvalidArgument("lora.text_prior_weight", "must be > 0")
     if spec.prior_loss_weight is not None and spec.prior_loss_weight < 0:
         raise InvalidArgument("dreambooth.prior_loss_weight", "must be >= 0")
     if spec.method == "dreambooth_lora" and not spec.instance_prompt:
@@ -150,6 +171,10 @@ def _lora_fields(spec: TrainingSpec, seed: int) -> dict:
         out["unet_lr"] = spec.unet_lr
     if spec.text_encoder_lr is not None:
         out["text_encoder_lr"] = spec.text_encoder_lr
+    out["unet_lora"] = not spec.text_encoder_only
+    if spec.text_prior_prompts:
+        out["text_prior_prompts"] = tuple(spec.text_prior_prompts)
+        out["text_prior_weight"] = spec.text_prior_weight if spec.text_prior_weight is not None else 1.0
     return out
 
 

@@ -107,6 +107,45 @@ def test_embedding_jobs_are_served_by_the_next_generate(served, tmp_path, method
         assert list(load(blob)) == ["emb_params"]
 
 
+def test_text_encoder_only_pivotal_job_changes_no_unet_weight(served, tmp_path):
+    """lora.text_encoder_only with a text prior: the adapter holds the token and a text-encoder
+    LoRA only, so a request naming it runs the base UNet; the next Generate draws with it."""
+    _, client, _ = served
+    folder = write_shapes(tmp_path / "stars", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
+    client.upload_dataset("te-stars", folder)
+    job_id = client.start_training(
+        "pivotal_tuning", dataset="te-stars", adapter_name="te-star", token="<te-star>", initializer_token="star",
+        num_vectors=2, num_steps=2, embedding_steps=1, train_lora_with_embedding=True, batch_size=1, seed=5, rank=1,
+        train_text_encoder=True, text_encoder_only=True, text_prior_prompts=["a red circle", "a shape", ""], text_prior_weight=2.0,
+    )  # fmt: skip
+    final = list(client.watch_job(job_id, timeout=300))[-1]
+    assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
+    from safetensors.torch import load
+
+    _, blob = client.download_job_output(job_id, "kohya")
+    lora_keys = [k for k in load(blob) if k.startswith("lora_")]
+    assert lora_keys and all(k.startswith("lora_te_") for k in lora_keys), lora_keys[:3]
+    images = [e for e in client.generate("a red <te-star> shape <lora:te-star:1>", seed=1, num_steps=4) if isinstance(e, Image)]
+    assert len(images) == 1 and "te-star" in images[0].infotext
+
+
+def test_text_prior_options_are_checked_by_field(served, tmp_path):
+    _, client, data = served
+    write_shapes(data / "datasets" / "te-plain", [("star", "red")])
+    token = dict(token="<t>", initializer_token="star")
+    with pytest.raises(InvalidArgumentError, match="lora.text_prior_prompts: need lora.train_text_encoder"):
+        client.start_training("pivotal_tuning", dataset="te-plain", adapter_name="t1", text_prior_prompts=["a shape"], **token)
+    with pytest.raises(InvalidArgumentError, match="lora.text_prior_prompts: must not contain the new token"):
+        client.start_training("pivotal_tuning", dataset="te-plain", adapter_name="t2", train_text_encoder=True, text_prior_prompts=["a <t>"], **token)
+    with pytest.raises(InvalidArgumentError, match="lora.text_encoder_only"):
+        client.start_training("textual_inversion", dataset="te-plain", adapter_name="t3", text_encoder_only=True, **token)
+    with pytest.raises(InvalidArgumentError, match="lora.text_prior_weight"):
+        client.start_training(
+            "lora", dataset="te-plain", adapter_name="t4", instance_prompt="a shape", train_text_encoder=True,
+            text_prior_prompts=["a shape"], text_prior_weight=-1.0,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("dataset", ["../outside", "/etc", "a/../../b", "..", "sub/dir"])
 def test_dataset_paths_outside_the_data_dir_are_refused(served, dataset):
     _, client, _ = served

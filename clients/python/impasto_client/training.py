@@ -156,6 +156,9 @@ def start_request(
     embedding_lr: float | None = None,
     embedding_steps: int = 0,
     train_lora_with_embedding: bool = False,
+    text_encoder_only: bool = False,
+    text_prior_prompts: list[str] | None = None,
+    text_prior_weight: float | None = None,
 ) -> pb.StartTrainingRequest:
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -163,7 +166,10 @@ def start_request(
         method=METHODS[method], model=model, dataset=dataset, adapter_name=adapter_name, instance_prompt=instance_prompt,
         num_steps=num_steps, batch_size=batch_size, checkpoint_every=checkpoint_every, sample_every=sample_every,
         sample_prompts=sample_prompts or [], masked_loss=masked_loss, gradient_checkpointing=gradient_checkpointing,
-        lora=pb.LoraOptions(rank=rank, train_text_encoder=train_text_encoder, conv=conv),
+        lora=pb.LoraOptions(
+            rank=rank, train_text_encoder=train_text_encoder, conv=conv, text_encoder_only=text_encoder_only,
+            text_prior_prompts=text_prior_prompts or [],
+        ),
         dreambooth=pb.DreamBoothOptions(class_prompt=class_prompt, num_class_images=num_class_images),
         textual_inversion=pb.TextualInversionOptions(
             token=token, initializer_token=initializer_token, num_vectors=num_vectors, embedding_steps=embedding_steps,
@@ -174,6 +180,8 @@ def start_request(
         request.seed = seed
     if alpha is not None:
         request.lora.alpha = alpha
+    if text_prior_weight is not None:
+        request.lora.text_prior_weight = text_prior_weight
     if unet_lr is not None:
         request.lora.unet_learning_rate = unet_lr
     if text_encoder_lr is not None:
