@@ -45,7 +45,9 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    seed 0's luck: seeds 1 and 2 (a script outside the repo, same settings) ended at 31% and
    34%, and the rate swings: 72, 53, 84% at steps 100, 125, 150; 300 steps went 88% (step 150),
    44, 69, 22%. A cosine-decayed learning rate over 300 steps ended at 66, 72, 59% (seeds 0-2),
-   over 600 at 53, 66%. The base classes stayed at 96-98% in every run.
+   over 600 at 53, 66%. The LoRA on the text encoder's MLPs too (fc1, fc2; not an option here):
+   88, 44, 56% at 150 steps, 62, 50% with the cosine over 300 (seeds 1, 2). The base classes
+   stayed at 96-99% in every run.
 6. (`--only served`) The same DreamBooth-LoRA as a server job over gRPC: UploadDataset,
    StartTraining (class images from the server's own step loop), WatchJob, then Generate with
    `<lora:name:1>` through the server; the served images are judged. Wall time end to end.
