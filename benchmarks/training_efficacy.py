@@ -78,6 +78,7 @@ from impasto.models.judge import judge  # noqa: E402
 from impasto.models.shapes import BACKGROUNDS, HELD_OUT_COLOUR, HELD_OUT_SHAPE, MAX_RADIUS, MIN_RADIUS, SEEN_COLOURS, SEEN_SHAPES, Scene, caption, render  # noqa: E402
 from impasto.training import dreambooth, pivotal_tuning, textual_inversion  # noqa: E402
 from impasto.training.core import load_components, sample_images  # noqa: E402
+from impasto.training.outputs import write_outputs  # noqa: E402
 
 EVAL_COLOURS = ("red", "blue", "green", "yellow")
 INSTANCE_COLOURS = ("red", "blue", "green", "yellow", "orange")
@@ -302,8 +303,6 @@ def main() -> None:
         shape_rate, pair_rate = star_rate(tuner)
         after = base_classes_rate(tuner.parts, base_seeds)
         adapter_dir = work / f"{name}-out"
-        from impasto.training.outputs import write_outputs
-
         size = write_outputs(tuner.adapter(), adapter_dir, name)["kohya"].stat().st_size
         results[name] = shape_rate
         rows.append([
@@ -393,8 +392,6 @@ def main() -> None:
         )  # fmt: skip
         shape_rate, pair_rate = star_rate(tuner, tuner.embeddings, "<sks>")
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
-        from impasto.training.outputs import write_outputs
-
         size = write_outputs(tuner.adapter(), work / "pivotal_te-out", "pivotal_te")["kohya"].stat().st_size
         results["pivotal_te"] = shape_rate
         best = max(history, key=lambda h: h[2]) if history else None  # (step, seconds, rate)

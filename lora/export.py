@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-from .canonical import CanonicalAdapter, split_target
-from .errors import AdapterFormatError
 from impasto.atomic_files import atomic_directory
 
+from .canonical import CanonicalAdapter, split_target
+from .errors import AdapterFormatError
 from .files import write_safetensors
 from .formats.diffusers import METADATA_KEY
 from .formats.peft import PREFIX, WEIGHTS_NAME

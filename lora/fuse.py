@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .compose import AdapterSet, compose
-from .errors import AdapterFormatError
 from impasto.atomic_files import atomic_directory
 
+from .compose import AdapterSet, compose
+from .errors import AdapterFormatError
 from .files import write_safetensors
 from .model_folder import component_files, weight_shapes
 

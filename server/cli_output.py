@@ -51,7 +51,7 @@ class ProgressPrinter:
         print(text, file=self.stream, flush=True)
 
     def restart(self) -> None:
-        """A new run of steps (a resumed job, the next image): print its start again when piped."""
+        """Steps go on from elsewhere (a resumed job): print the next one at once when piped."""
         self._printed_share = -1
 
 
