@@ -9,7 +9,8 @@ also score DreamBooth / textual-inversion results. Weights ship in models/shapes
 
 A prompt asks for the shape and colour words it contains; a part it does not name is not
 checked ("a circle" is a hit for a circle of any colour). A prompt that names neither is an
-error: there is nothing to judge.
+error: there is nothing to judge. A hit also needs the image to be well formed (one solid shape
+on a flat background, well_formed.py): the CNN names a shape for anything, specks included.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from impasto.models import judge_weights_path
 from impasto.models.shapes import COLOURS, IMAGE_SIZE, SHAPES, find_word
+from impasto.models.well_formed import well_formed
 
 COLOUR_NAMES = tuple(COLOURS)
 
@@ -100,6 +102,11 @@ class JudgeResult:
     per_class: dict[str, dict[str, float]]
     predictions: list[tuple[str, str]]  # (shape, colour) per image
     hits: list[bool] = field(default_factory=list)
+    well_formed: list[bool] = field(default_factory=list)  # one solid shape on a flat background
+
+    @property
+    def well_formed_rate(self) -> float:
+        return sum(self.well_formed) / len(self.well_formed) if self.well_formed else 0.0
 
 
 def judge(images, prompts: list[str], net: ShapesJudgeNet | None = None) -> JudgeResult:
@@ -107,10 +114,11 @@ def judge(images, prompts: list[str], net: ShapesJudgeNet | None = None) -> Judg
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     predictions = classify(images, net)
+    formed = [well_formed(np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)) for im in images]
     hits, groups = [], defaultdict(list)
-    for (p_shape, p_colour), prompt in zip(predictions, prompts):
+    for (p_shape, p_colour), prompt, ok in zip(predictions, prompts, formed):
         shape, colour = expected_from_prompt(prompt)
-        hit = (shape is None or p_shape == shape) and (colour is None or p_colour == colour)
+        hit = ok and (shape is None or p_shape == shape) and (colour is None or p_colour == colour)
         hits.append(hit)
         if shape is not None:
             groups["shape", shape].append(hit)
@@ -121,4 +129,4 @@ def judge(images, prompts: list[str], net: ShapesJudgeNet | None = None) -> Judg
     per_class: dict[str, dict[str, float]] = {"shape": {}, "colour": {}, "pair": {}}
     for (kind, name), values in sorted(groups.items()):
         per_class[kind][name] = sum(values) / len(values)
-    return JudgeResult(sum(hits) / len(hits), per_class, predictions, hits)
+    return JudgeResult(sum(hits) / len(hits), per_class, predictions, hits, formed)

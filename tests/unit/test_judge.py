@@ -1,4 +1,5 @@
-"""The shipped judge: accuracy on a fixed generated set, prompt parsing, and the result's shape."""
+"""The shipped judge: accuracy on a fixed generated set, prompt parsing, the result's shape, and
+the well-formed gate (one solid shape on a flat background) every hit needs."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from PIL import Image
 from impasto.models import judge_weights_path
 from impasto.models.judge import COLOUR_NAMES, classify, expected_from_prompt, judge
 from impasto.models.shapes import HELD_OUT_COLOUR, HELD_OUT_SHAPE, SHAPES, Scene, render
+from impasto.models.well_formed import well_formed
 from impasto.training.shapes_dataset import render_scenes, sample_scenes
 
 
@@ -74,3 +76,39 @@ def test_rejects_images_of_the_wrong_size_or_type():
         classify([np.zeros((64, 64, 3), np.float32)])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         judge(np.zeros((2, 64, 64, 3), np.uint8), ["a red circle"])
+
+
+def test_every_rendered_scene_is_well_formed(fixed_set):
+    _, images = fixed_set
+    formed = [well_formed(im) for im in images]
+    assert all(formed), f"{formed.count(False)} of {len(formed)} rendered scenes judged malformed"
+
+
+def fragments_of(image: np.ndarray, background: tuple[int, int, int], every: int = 6) -> np.ndarray:
+    """The same picture cut by background-coloured lines into pieces (what a broken LoRA draws)."""
+    cut = image.copy()
+    cut[::every] = background
+    cut[:, ::every] = background
+    return cut
+
+
+def test_pieces_blanks_and_two_shapes_are_not_well_formed():
+    star = render(Scene(HELD_OUT_SHAPE, "red", "black", 32, 32, 22))
+    assert well_formed(star)
+    assert not well_formed(fragments_of(star, (0, 0, 0)))
+    assert not well_formed(np.zeros((64, 64, 3), np.uint8))  # nothing drawn
+    left, right = render(Scene("circle", "blue", "white", 16, 32, 10)), render(Scene("square", "blue", "white", 48, 32, 10))
+    assert not well_formed(np.where((left != left[0, 0]).any(-1, keepdims=True), left, right))  # two shapes, neither small
+    specks = np.zeros((64, 64, 3), np.uint8)
+    specks[10:14, 10:14] = specks[40:44, 20:24] = (255, 0, 0)
+    assert not well_formed(specks)
+
+
+def test_a_malformed_image_is_never_a_hit_whatever_the_cnn_names():
+    """The reason the gate exists: the CNN names a shape for pieces too."""
+    star = render(Scene(HELD_OUT_SHAPE, "yellow", "gray", 30, 30, 24))
+    pieces = fragments_of(star, (128, 128, 128))
+    result = judge([star, pieces], ["a yellow star"] * 2)
+    assert result.well_formed == [True, False]
+    assert result.hits == [True, False], result.predictions
+    assert result.well_formed_rate == 0.5
