@@ -96,6 +96,18 @@ def test_a_fixed_seed_image_is_judged_correct(pipe, prompt):
     assert result.hits == [True], f"{prompt!r} judged as {result.predictions[0]}"
 
 
+def test_the_shipped_model_draws_well_formed_shapes(pipe):
+    """The judge's well-formed gate (models/well_formed.py) passes what the model draws: every
+    seen shape, the thin cross included, in the dimmest colour, on every background in turn."""
+    from impasto.models.shapes import SEEN_SHAPES
+    from impasto.models.well_formed import well_formed
+
+    for i, shape in enumerate(SEEN_SHAPES):
+        background = ("white", "gray", "black")[i % 3]
+        image = generate(pipe, f"a purple {shape} on a {background} background", seed=i)
+        assert well_formed(image), (shape, background)
+
+
 def test_negative_prompt_steers_away(pipe):
     image = generate(pipe, "a circle", seed=0, negative_prompt="red")
     assert judge([image], ["a circle"]).hits == [True]
