@@ -7,9 +7,9 @@ A LoRA or token that breaks the model's drawing could then score as a star it ne
 the image to be well formed as well as named right.
 
 The test follows how models/shapes.py renders every scene: a background of one colour, and one
-filled, connected shape at least MIN_RADIUS across. Pixels at least half as far from the
-background's colour (the median of the border) as the farthest pixel are the foreground; the
-largest connected part of it must hold nearly all of it and be big enough to be a shape. Rendered scenes and the shipped model's own
+filled, connected shape at least MIN_RADIUS across. Pixels far from the background's colour (the
+median of the border) are the foreground; the largest connected part of it must hold nearly all
+of it and be big enough to be a shape. Rendered scenes and the shipped model's own
 images of the base classes pass (tests/unit/test_judge.py); specks and streaks do not.
 """
 
@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-# A pixel is foreground when its RGB distance from the background colour is at least this share
-# of the farthest pixel's: relative, because the model draws some shapes dim (a purple cross on
-# gray only 99 from it, where the renderer's closest pair is 150 apart), and half, so a shape's
-# blurred edge stays with the shape while a gap between two pieces stays a gap.
+# A pixel is foreground when its RGB distance from the background colour is at least
+# FOREGROUND_DISTANCE, or half the farthest pixel's where the whole shape is dim (the model draws
+# some purple crosses on gray only 99 from it): a fixed cut would break those into pieces, and a
+# purely relative one would cut off a bright star's blurred tips.
+FOREGROUND_DISTANCE = 80.0
 FOREGROUND_SHARE = 0.5
 MIN_FOREGROUND_DISTANCE = 30.0  # below this, nothing stands out from the background at all
 # The largest connected part's share of the foreground: one shape, not pieces of several.
@@ -37,7 +38,8 @@ def well_formed(image: np.ndarray) -> bool:
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
     distance = np.linalg.norm(pixels - background, axis=-1)
-    foreground = distance >= max(MIN_FOREGROUND_DISTANCE, FOREGROUND_SHARE * float(distance.max()))
+    cut = max(MIN_FOREGROUND_DISTANCE, min(FOREGROUND_DISTANCE, FOREGROUND_SHARE * float(distance.max())))
+    foreground = distance >= cut
     labels, count = ndimage.label(foreground)
     if count == 0:
         return False

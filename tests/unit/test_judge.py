@@ -104,6 +104,15 @@ def test_pieces_blanks_and_two_shapes_are_not_well_formed():
     assert not well_formed(specks)
 
 
+def test_a_dim_shape_is_still_one_shape():
+    """The model draws some shapes faint against the background; the cut follows them down."""
+    cross = render(Scene("cross", "purple", "gray", 32, 32, 14)).astype(np.float32)
+    gray = np.array([128, 128, 128], np.float32)
+    faint = (gray + 0.45 * (cross - gray)).round().astype(np.uint8)  # at most ~70 from the gray
+    assert well_formed(faint)
+    assert not well_formed(fragments_of(faint, (128, 128, 128)))
+
+
 def test_a_malformed_image_is_never_a_hit_whatever_the_cnn_names():
     """The reason the gate exists: the CNN names a shape for pieces too."""
     star = render(Scene(HELD_OUT_SHAPE, "yellow", "gray", 30, 30, 24))
