@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -120,8 +121,14 @@ def base_classes_rate(parts, seeds, embeddings=None) -> float:
     return judge(images, BASE_CLASS_PROMPTS * len(seeds)).hit_rate
 
 
-def concept_rates(parts, prompt_tpl: str, judged_tpl: str, seeds, embeddings=None, colours=EVAL_COLOURS, shapes=None) -> tuple[float, float]:
-    """(the part asked for, the pair): e.g. shape rate and shape+colour rate."""
+class ConceptRates(NamedTuple):
+    part: float  # the part taught (the star's shape, pink's colour), judged alone
+    pair: float  # that part and the prompt's other word (its colour, its shape)
+    well_formed: float  # images that show one solid shape at all (models/well_formed.py)
+
+
+def concept_rates(parts, prompt_tpl: str, judged_tpl: str, seeds, embeddings=None, colours=EVAL_COLOURS, shapes=None) -> ConceptRates:
+    """Hit rates of the images a taught concept's prompts make: e.g. star, star+colour, well formed."""
     if shapes is None:
         prompts = [prompt_tpl.format(colour=c) for c in colours]
         judged = [judged_tpl.format(colour=c) for c in colours]
@@ -131,7 +138,7 @@ def concept_rates(parts, prompt_tpl: str, judged_tpl: str, seeds, embeddings=Non
     images = generate(parts, prompts, seeds, embeddings)
     result = judge(images, judged * len(seeds))
     part_only = judge(images, [p.split()[-1] if shapes is None else f"a {HELD_OUT_COLOUR}" for p in judged * len(seeds)])
-    return part_only.hit_rate, result.hit_rate
+    return ConceptRates(part_only.hit_rate, result.hit_rate, result.well_formed_rate)
 
 
 def class_image_generator(model: str):
@@ -163,9 +170,10 @@ def train_and_track(tuner, eval_every: int, evaluate, bar: float, side=None):
     return history, train_seconds, reached
 
 
-def served_dreambooth(args, star_data: Path, seeds: list[int]) -> list[object]:
+def served_dreambooth(args, star_data: Path, seeds: list[int], base_seeds: list[int]) -> list[object]:
     """DreamBooth-LoRA as a job of a real server (in this process, on a free port), judged on
-    images the server generates with the adapter it registered."""
+    images the server generates with the adapter it registered: the star, and the base classes
+    with the adapter on."""
     import asyncio
     import io
     import threading
@@ -208,18 +216,25 @@ def served_dreambooth(args, star_data: Path, seeds: list[int]) -> list[object]:
             status = client.get_job(job)
             if status.state != "succeeded":
                 return ["DreamBooth-LoRA (served job)", status.step, f"{wall:.0f}s", args.rank, "-", f"job {status.state}: {status.message}", "", ""]
-            judged, images = [], []
-            # The seeds of the in-process evaluation (generate()): the same noise per image.
-            for seed in seeds:
-                for k, colour in enumerate(EVAL_COLOURS):
-                    for event in client.generate(f"a {colour} sks shape <lora:sks-star:1>", seed=seed * 1000 + k):
-                        if isinstance(event, ImageEvent):
-                            images.append(np.asarray(Image.open(io.BytesIO(event.data)).convert("RGB")))
-                            judged.append(HELD_OUT_SHAPE)
-            shape_rate = judge(images, judged).hit_rate
+
+            def served_images(prompts: list[str], image_seeds: list[int]) -> list[np.ndarray]:
+                # The seeds of the in-process evaluation (generate()): the same noise per image.
+                out = []
+                for seed in image_seeds:
+                    for k, prompt in enumerate(prompts):
+                        for event in client.generate(f"{prompt} <lora:sks-star:1>", seed=seed * 1000 + k):
+                            if isinstance(event, ImageEvent):
+                                out.append(np.asarray(Image.open(io.BytesIO(event.data)).convert("RGB")))
+                return out
+
+            images = served_images([f"a {colour} sks shape" for colour in EVAL_COLOURS], seeds)
+            star = judge(images, [HELD_OUT_SHAPE] * len(images))
+            base_images = served_images(BASE_CLASS_PROMPTS, base_seeds)
+            base_rate = judge(base_images, BASE_CLASS_PROMPTS * len(base_seeds)).hit_rate
             size = len(client.download_job_output(job, "kohya")[1])
-            return ["DreamBooth-LoRA (served job, prior)", status.step, f"{wall:.0f}s wall incl. class images", args.rank,
-                    f"{size / 1024:.0f} KiB", f"{shape_rate:.0%} star (images from Generate)", "", ""]  # fmt: skip
+            return ["DreamBooth-LoRA (served job, prior)", status.step, f"{wall:.0f}s wall incl. class images", args.rank, f"{size / 1024:.0f} KiB",
+                    f"{rate_with_interval(star.hit_rate, len(images))} star ({star.well_formed_rate:.0%} well formed; images from Generate)",
+                    f"{rate_with_interval(base_rate, len(base_images))} (adapter on)", ""]  # fmt: skip
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
@@ -267,7 +282,7 @@ def main() -> None:
 
     base = load_components(args.model)
     base_rate = base_classes_rate(base, base_seeds)
-    star_before, _ = concept_rates(base, "a {colour} sks shape", f"a {{colour}} {HELD_OUT_SHAPE}", seeds)
+    star_before = concept_rates(base, "a {colour} sks shape", f"a {{colour}} {HELD_OUT_SHAPE}", seeds).part
     print(f"base model: base classes {rate_with_interval(base_rate, n_base)}; 'a <colour> sks shape' judged a star {star_before:.0%}\n", flush=True)
 
     star_data = render_dataset(work / "stars", [(HELD_OUT_SHAPE, c) for c in INSTANCE_COLOURS], [f"a {c} {{token}} shape" for c in INSTANCE_COLOURS], 1)
@@ -298,16 +313,16 @@ def main() -> None:
         print(f"{name}: DreamBooth-LoRA rank {args.rank}, prior preservation {'on' if prior else 'off'}", flush=True)
         tuner = dreambooth.build(db_config(prior))
         history, seconds, reached = train_and_track(
-            tuner, args.eval_every, lambda t: star_rate(t)[0], 0.8, side=lambda t: f"base classes {base_classes_rate(t.parts, base_seeds):.0%}"
+            tuner, args.eval_every, lambda t: star_rate(t).part, 0.8, side=lambda t: f"base classes {base_classes_rate(t.parts, base_seeds):.0%}"
         )
-        shape_rate, pair_rate = star_rate(tuner)
+        shape_rate, pair_rate, formed = star_rate(tuner)
         after = base_classes_rate(tuner.parts, base_seeds)
         adapter_dir = work / f"{name}-out"
         size = write_outputs(tuner.adapter(), adapter_dir, name)["kohya"].stat().st_size
         results[name] = shape_rate
         rows.append([
             f"DreamBooth-LoRA ({'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, f"{size / 1024:.0f} KiB",
-            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)",
+            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour, {formed:.0%} well formed)",
             f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)",
             f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip
@@ -323,12 +338,12 @@ def main() -> None:
         def pink_rate(t):
             return concept_rates(t.parts, "a <pink> {shape}", f"a {HELD_OUT_COLOUR} {{shape}}", list(range(args.colour_seeds)), t.embeddings, shapes=list(SEEN_SHAPES))
 
-        history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: pink_rate(t)[0], 0.7)
-        colour_rate, pair_rate = pink_rate(tuner)
+        history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: pink_rate(t).part, 0.7)
+        colour_rate, pair_rate, formed = pink_rate(tuner)
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
         rows.append([
             "Textual inversion (pink)", tuner.step, f"{seconds:.0f}s", "-", "-",
-            f"{rate_with_interval(colour_rate, args.colour_seeds * len(SEEN_SHAPES))} pink ({pair_rate:.0%} pink+shape)",
+            f"{rate_with_interval(colour_rate, args.colour_seeds * len(SEEN_SHAPES))} pink ({pair_rate:.0%} pink+shape, {formed:.0%} well formed)",
             f"{base_rate:.0%} -> {rate_with_interval(after, n_base)}", f"step {reached[0]}, {reached[1]:.0f}s (70% bar)" if reached else "not reached (70% bar)",
         ])  # fmt: skip
 
@@ -339,14 +354,14 @@ def main() -> None:
             batch_size=args.batch_size, learning_rate=args.embedding_lr, seed=0,
         )  # fmt: skip
         tuner = textual_inversion.build(cfg)
-        history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8)
-        shape_rate, pair_rate = star_rate(tuner, tuner.embeddings, "<sks>")
+        history, seconds, reached = train_and_track(tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>").part, 0.8)
+        shape_rate, pair_rate, formed = star_rate(tuner, tuner.embeddings, "<sks>")
         results["ti_shape"] = shape_rate
-        rows.append(["Textual inversion (star)", tuner.step, f"{seconds:.0f}s", "-", "-", f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)", "", f"step {reached[0]}" if reached else "not reached"])
+        rows.append(["Textual inversion (star)", tuner.step, f"{seconds:.0f}s", "-", "-", f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour, {formed:.0%} well formed)", "", f"step {reached[0]}" if reached else "not reached"])
 
     if "served" in only:
         print("served: DreamBooth-LoRA as a server job over gRPC", flush=True)
-        rows.append(served_dreambooth(args, star_data, seeds))
+        rows.append(served_dreambooth(args, star_data, seeds, base_seeds))
 
     for name, prior, joint in (("pivotal", False, False), ("pivotal_prior", True, False), ("pivotal_joint", True, True)):
         if name not in only:
@@ -366,14 +381,14 @@ def main() -> None:
             dreambooth.ensure_class_images(cfg, class_image_generator(args.model))
         tuner = pivotal_tuning.build(cfg)
         history, seconds, reached = train_and_track(
-            tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8,
+            tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>").part, 0.8,
             side=lambda t: f"base classes {base_classes_rate(t.parts, base_seeds, t.embeddings):.0%}" if joint or t.step > args.ti_steps else "embedding phase",
         )  # fmt: skip
-        shape_rate, pair_rate = star_rate(tuner, tuner.embeddings, "<sks>")
+        shape_rate, pair_rate, formed = star_rate(tuner, tuner.embeddings, "<sks>")
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
         results[name] = shape_rate
         rows.append([
-            f"Pivotal tuning ({'LoRA with the token' if joint else 'token, then LoRA'}; star, {'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, "-", f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)",
+            f"Pivotal tuning ({'LoRA with the token' if joint else 'token, then LoRA'}; star, {'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, "-", f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour, {formed:.0%} well formed)",
             f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)", f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip
 
@@ -387,17 +402,17 @@ def main() -> None:
         )  # fmt: skip
         tuner = pivotal_tuning.build(cfg)
         history, seconds, reached = train_and_track(
-            tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>")[0], 0.8,
+            tuner, args.eval_every, lambda t: star_rate(t, t.embeddings, "<sks>").part, 0.8,
             side=lambda t: f"base classes {base_classes_rate(t.parts, base_seeds, t.embeddings):.0%}",
         )  # fmt: skip
-        shape_rate, pair_rate = star_rate(tuner, tuner.embeddings, "<sks>")
+        shape_rate, pair_rate, formed = star_rate(tuner, tuner.embeddings, "<sks>")
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
         size = write_outputs(tuner.adapter(), work / "pivotal_te-out", "pivotal_te")["kohya"].stat().st_size
         results["pivotal_te"] = shape_rate
         best = max(history, key=lambda h: h[2]) if history else None  # (step, seconds, rate)
         rows.append([
             "Pivotal tuning, text encoder only (star; text prior)", tuner.step, f"{seconds:.0f}s", args.rank, f"{size / 1024:.0f} KiB",
-            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour)" + (f"; best {best[2]:.0%} at step {best[0]}" if best else ""),
+            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour, {formed:.0%} well formed)" + (f"; best {best[2]:.0%} at step {best[0]}" if best else ""),
             f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)",
             f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip

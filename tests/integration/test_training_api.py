@@ -129,6 +129,35 @@ def test_text_encoder_only_pivotal_job_changes_no_unet_weight(served, tmp_path):
     assert len(images) == 1 and "te-star" in images[0].infotext
 
 
+def test_pivotal_job_with_both_priors_trains_every_part(served, tmp_path):
+    """Every part pivotal tuning can train, with both priors, in one job: the token, a LoRA on the
+    UNet's attention and on the text encoder, class images per "[filewords]" caption (from a
+    caption holding a new token), and a text prior. The adapter holds all three parts and the
+    next Generate uses it."""
+    _, client, data = served
+    folder = write_shapes(tmp_path / "stars", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
+    client.upload_dataset("both-stars", folder)
+    job_id = client.start_training(
+        "pivotal_tuning", dataset="both-stars", adapter_name="both-star", token="<both-star>", initializer_token="shape",
+        num_vectors=2, num_steps=3, embedding_steps=2, train_lora_with_embedding=True, batch_size=1, seed=4, rank=1,
+        train_text_encoder=True, class_prompt="[filewords]", num_class_images=2, text_prior_prompts=["a red circle", ""],
+    )  # fmt: skip
+    final = list(client.watch_job(job_id, timeout=300))[-1]
+    assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
+    # One class image per caption with the token taken out.
+    class_dir = data / "training" / "jobs" / job_id / "class_images"
+    assert sorted(p.read_text() for p in class_dir.glob("class_[0-9]*.txt")) == ["a blue shape", "a red shape"]
+    from safetensors.torch import load
+
+    _, blob = client.download_job_output(job_id, "kohya")
+    keys = list(load(blob))
+    assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys), keys[:4]
+    assert any(not k.startswith("lora_") for k in keys), "the token's vectors are in the file"  # lora_pti's layout
+    assert not any("resnets" in k for k in keys), "attention only: no LoCon"
+    images = [e for e in client.generate("a red <both-star> shape <lora:both-star:1>", seed=1, num_steps=4) if isinstance(e, Image)]
+    assert len(images) == 1 and "both-star" in images[0].infotext
+
+
 def test_text_prior_options_are_checked_by_field(served, tmp_path):
     _, client, data = served
     write_shapes(data / "datasets" / "te-plain", [("star", "red")])
