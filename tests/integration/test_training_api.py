@@ -107,26 +107,35 @@ def test_embedding_jobs_are_served_by_the_next_generate(served, tmp_path, method
         assert list(load(blob)) == ["emb_params"]
 
 
+def run_pivotal_star_job(client, tmp_path, name: str, **options) -> tuple[str, list[str]]:
+    """A tiny pivotal-tuning job on two star images captioned "a <colour> <name> shape", run to
+    success and checked to be served: (job id, the keys of its kohya file)."""
+    from safetensors.torch import load
+
+    folder = write_shapes(tmp_path / "stars", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
+    client.upload_dataset(f"{name}-stars", folder)
+    job_id = client.start_training(
+        "pivotal_tuning", dataset=f"{name}-stars", adapter_name=name, token=f"<{name}>", num_vectors=2,
+        train_lora_with_embedding=True, batch_size=1, rank=1, train_text_encoder=True, **options,
+    )  # fmt: skip
+    final = list(client.watch_job(job_id, timeout=300))[-1]
+    assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
+    images = [e for e in client.generate(f"a red <{name}> shape <lora:{name}:1>", seed=1, num_steps=4) if isinstance(e, Image)]
+    assert len(images) == 1 and name in images[0].infotext
+    _, blob = client.download_job_output(job_id, "kohya")
+    return job_id, list(load(blob))
+
+
 def test_text_encoder_only_pivotal_job_changes_no_unet_weight(served, tmp_path):
     """lora.text_encoder_only with a text prior: the adapter holds the token and a text-encoder
     LoRA only, so a request naming it runs the base UNet; the next Generate draws with it."""
     _, client, _ = served
-    folder = write_shapes(tmp_path / "stars", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
-    client.upload_dataset("te-stars", folder)
-    job_id = client.start_training(
-        "pivotal_tuning", dataset="te-stars", adapter_name="te-star", token="<te-star>", initializer_token="star",
-        num_vectors=2, num_steps=2, embedding_steps=1, train_lora_with_embedding=True, batch_size=1, seed=5, rank=1,
-        train_text_encoder=True, text_encoder_only=True, text_prior_prompts=["a red circle", "a shape", ""], text_prior_weight=2.0,
+    _, keys = run_pivotal_star_job(
+        client, tmp_path, "te-star", initializer_token="star", num_steps=2, embedding_steps=1, seed=5,
+        text_encoder_only=True, text_prior_prompts=["a red circle", "a shape", ""], text_prior_weight=2.0,
     )  # fmt: skip
-    final = list(client.watch_job(job_id, timeout=300))[-1]
-    assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
-    from safetensors.torch import load
-
-    _, blob = client.download_job_output(job_id, "kohya")
-    lora_keys = [k for k in load(blob) if k.startswith("lora_")]
+    lora_keys = [k for k in keys if k.startswith("lora_")]
     assert lora_keys and all(k.startswith("lora_te_") for k in lora_keys), lora_keys[:3]
-    images = [e for e in client.generate("a red <te-star> shape <lora:te-star:1>", seed=1, num_steps=4) if isinstance(e, Image)]
-    assert len(images) == 1 and "te-star" in images[0].infotext
 
 
 def test_pivotal_job_with_both_priors_trains_every_part(served, tmp_path):
@@ -135,27 +144,16 @@ def test_pivotal_job_with_both_priors_trains_every_part(served, tmp_path):
     caption holding a new token), and a text prior. The adapter holds all three parts and the
     next Generate uses it."""
     _, client, data = served
-    folder = write_shapes(tmp_path / "stars", [("star", "red"), ("star", "blue")], ["a red {token} shape", "a blue {token} shape"])
-    client.upload_dataset("both-stars", folder)
-    job_id = client.start_training(
-        "pivotal_tuning", dataset="both-stars", adapter_name="both-star", token="<both-star>", initializer_token="shape",
-        num_vectors=2, num_steps=3, embedding_steps=2, train_lora_with_embedding=True, batch_size=1, seed=4, rank=1,
-        train_text_encoder=True, class_prompt="[filewords]", num_class_images=2, text_prior_prompts=["a red circle", ""],
+    job_id, keys = run_pivotal_star_job(
+        client, tmp_path, "both-star", initializer_token="shape", num_steps=3, embedding_steps=2, seed=4,
+        class_prompt="[filewords]", num_class_images=2, text_prior_prompts=["a red circle", ""],
     )  # fmt: skip
-    final = list(client.watch_job(job_id, timeout=300))[-1]
-    assert isinstance(final, JobStatus) and final.state == "succeeded" and final.adapter_id, final
     # One class image per caption with the token taken out.
     class_dir = data / "training" / "jobs" / job_id / "class_images"
     assert sorted(p.read_text() for p in class_dir.glob("class_[0-9]*.txt")) == ["a blue shape", "a red shape"]
-    from safetensors.torch import load
-
-    _, blob = client.download_job_output(job_id, "kohya")
-    keys = list(load(blob))
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys), keys[:4]
     assert any(not k.startswith("lora_") for k in keys), "the token's vectors are in the file"  # lora_pti's layout
     assert not any("resnets" in k for k in keys), "attention only: no LoCon"
-    images = [e for e in client.generate("a red <both-star> shape <lora:both-star:1>", seed=1, num_steps=4) if isinstance(e, Image)]
-    assert len(images) == 1 and "both-star" in images[0].infotext
 
 
 def test_text_prior_options_are_checked_by_field(served, tmp_path):
