@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from impasto.atomic_files import usual_mode
 from impasto.backends.availability import backend_status
 from impasto.backends.base import BackendUnavailable, Component
 from impasto.backends.manifest import MANIFEST_FILE, SCHEMA_VERSION, ComponentArtifact, Manifest, Profile
 from impasto.backends.model_folder import cached_model_hash, check_loadable
-from impasto.atomic_files import usual_mode
 
 # Bump when the export or a build step changes what it writes, so old folders are not reused.
 RECIPE_VERSION = 1

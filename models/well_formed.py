@@ -27,13 +27,13 @@ FOREGROUND_SHARE = 0.5
 MIN_FOREGROUND_DISTANCE = 30.0  # below this, nothing stands out from the background at all
 # The largest connected part's share of the foreground: one shape, not pieces of several.
 MIN_LARGEST_SHARE = 0.9
-# Pixels of that part. The smallest rendered shape (a star of radius MIN_RADIUS) covers about
-# 290 of the 64x64; half of that allows for the model's softer edges.
+# Pixels of that part, in the judge's 64x64 images. The smallest rendered shape (a star of radius
+# MIN_RADIUS) covers about 290; half of that allows for the model's softer edges.
 MIN_SHAPE_PIXELS = 150
 
 
 def well_formed(image: np.ndarray) -> bool:
-    """image: uint8 (H, W, 3). True for one solid shape on a flat background."""
+    """image: uint8 (64, 64, 3), as the judge takes it. True for one solid shape on a flat background."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
@@ -45,5 +45,4 @@ def well_formed(image: np.ndarray) -> bool:
         return False
     sizes = np.bincount(labels.ravel())[1:]
     largest = int(sizes.max())
-    min_pixels = MIN_SHAPE_PIXELS * pixels.shape[0] * pixels.shape[1] / 64**2  # the same share of a larger image
-    return largest >= min_pixels and largest >= MIN_LARGEST_SHARE * int(sizes.sum())
+    return largest >= MIN_SHAPE_PIXELS and largest >= MIN_LARGEST_SHARE * int(sizes.sum())

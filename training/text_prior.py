@@ -18,9 +18,9 @@ loss. On the embedded shapes model that left DreamBooth-LoRA's other shapes at 4
 pivotal tuning through the text encoder with this prior kept them at 96-98% in every run,
 but the untouched UNet drew the held-out star well formed only 41% of the time
 (benchmarks/training_efficacy.py, `pivotal_te`): the prior holds what is there, it cannot make
-the UNet draw what it never learnt. Holding only the 7 class prompts ("a shape", "a red shape", ...) instead, in an
-experiment that trained the whole text encoder, left them at 61-79%: the prompts held must
-cover what users write.
+the UNet draw what it never learnt. Holding only the 7 class prompts ("a shape", "a red shape",
+...) instead, in an experiment that trained the whole text encoder, left them at 61-79%: the
+prompts held must cover what users write.
 """
 
 from __future__ import annotations

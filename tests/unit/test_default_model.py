@@ -98,7 +98,8 @@ def test_a_fixed_seed_image_is_judged_correct(pipe, prompt):
 
 def test_the_shipped_model_draws_well_formed_shapes(pipe):
     """The judge's well-formed gate (models/well_formed.py) passes what the model draws: every
-    seen shape, the thin cross included, in the dimmest colour, on every background in turn."""
+    seen shape, the thin cross included, in purple (the model drew some purple crosses faint on
+    gray), on every background in turn."""
     from impasto.models.shapes import SEEN_SHAPES
     from impasto.models.well_formed import well_formed
 

@@ -118,6 +118,7 @@ def test_a_malformed_image_is_never_a_hit_whatever_the_cnn_names():
     star = render(Scene(HELD_OUT_SHAPE, "yellow", "gray", 30, 30, 24))
     pieces = fragments_of(star, (128, 128, 128))
     result = judge([star, pieces], ["a yellow star"] * 2)
+    assert result.predictions[1] == ("star", "yellow"), "the CNN alone would count the pieces"
     assert result.well_formed == [True, False]
     assert result.hits == [True, False], result.predictions
     assert result.well_formed_rate == 0.5
