@@ -32,7 +32,7 @@ def _watch(client, job_id: str, args) -> int:
     last = None
     for event in client.watch_job(job_id):
         if isinstance(event, TrainingProgress):
-            progress.update(event.step, event.num_steps, f"loss {event.loss:.4f} {event.phase} eta {event.eta_seconds:5.0f}s")
+            progress.update(event.step, event.num_steps, f"loss {event.loss:.4f} lr {event.learning_rate:.1e} {event.phase} eta {event.eta_seconds:5.0f}s")
         elif isinstance(event, JobResumed):
             progress.message(f"resumed from the checkpoint at step {event.from_step}")
             progress.restart()
@@ -87,6 +87,7 @@ def _train(args) -> int:
             sample_prompts=args.sample_prompt,
             masked_loss=args.masked_loss,
             gradient_checkpointing=args.gradient_checkpointing,
+            lr_scheduler=args.lr_scheduler,
             rank=args.rank,
             alpha=args.alpha,
             train_text_encoder=args.train_text_encoder,
@@ -184,6 +185,10 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--sample-prompt", action="append", help="repeat for several")
     train.add_argument("--masked-loss", action="store_true")
     train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument(
+        "--lr-scheduler", default="", choices=["", "constant", "cosine", "linear"],
+        help="learning-rate schedule after the warmup (default: cosine for textual inversion, constant for the LoRA methods)",
+    )  # fmt: skip
     train.add_argument("--rank", type=int, default=0)
     train.add_argument("--alpha", type=float)
     train.add_argument("--train-text-encoder", action="store_true")

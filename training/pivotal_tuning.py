@@ -31,9 +31,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .core import BaseComponents, FineTuner, OptimConfig, Phase, load_components
+from .core import BaseComponents, FineTuner, Phase, load_components
 from .dreambooth import load_class_examples
-from .lora_trainer import LoraTrainConfig, add_lora
+from .lora_trainer import LoraTrainConfig, add_lora, optim_config
 from .text_prior import text_prior_of
 from .textual_inversion import add_token, load_token_dataset
 
@@ -85,7 +85,7 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
         # The class captions hold no new token: their gradient would be zero here.
         first = Phase("embedding", ti_steps, [token_group], True, embeddings, uses_prior=False)
     phases = [first, Phase("lora", lora_steps, lora_groups, trains_text_encoder=cfg.train_text_encoder, on_start=embeddings.freeze)]
-    optim = OptimConfig(batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, snr_gamma=cfg.snr_gamma, seed=cfg.seed)
+    optim = optim_config(cfg)
     class_examples = load_class_examples(cfg, parts.resolution) if cfg.prior_loss_weight > 0 else None
     tuner = FineTuner(
         parts, data.examples, phases, optim, class_examples=class_examples, prior_loss_weight=cfg.prior_loss_weight,

@@ -38,6 +38,7 @@ class TrainingSpec:
     sample_prompts: tuple[str, ...] = ()
     masked_loss: bool = False
     gradient_checkpointing: bool = False
+    lr_scheduler: str = ""  # "": the method's (cosine for textual inversion, constant for the LoRA methods)
     # LoRA
     rank: int = 0
     alpha: float | None = None
@@ -99,6 +100,10 @@ def validate_spec(spec: TrainingSpec) -> None:
         raise InvalidArgument("lora.rank", f"must be at most {MAX_RANK}")
     if spec.alpha is not None and spec.alpha <= 0:
         raise InvalidArgument("lora.alpha", "must be positive")
+    from impasto.training.core import LR_SCHEDULERS
+
+    if spec.lr_scheduler and spec.lr_scheduler not in LR_SCHEDULERS:
+        raise InvalidArgument("lr_scheduler", f"must be one of {', '.join(LR_SCHEDULERS)}, got {spec.lr_scheduler!r}")
     for name in ("unet_lr", "text_encoder_lr", "embedding_lr"):
         value = getattr(spec, name)
         if value is not None and not 0 < value < 1:
@@ -167,6 +172,8 @@ def _lora_fields(spec: TrainingSpec, seed: int) -> dict:
         masked_loss=spec.masked_loss,
         token=spec.token,
     )
+    if spec.lr_scheduler:
+        out["lr_scheduler"] = spec.lr_scheduler
     if spec.unet_lr is not None:
         out["unet_lr"] = spec.unet_lr
     if spec.text_encoder_lr is not None:
@@ -212,6 +219,8 @@ def build_trainer(
         )
         if spec.embedding_lr is not None:
             cfg.learning_rate = spec.embedding_lr
+        if spec.lr_scheduler:
+            cfg.lr_scheduler = spec.lr_scheduler
         return textual_inversion.build(cfg, parts)
     if spec.method == "pivotal_tuning":
         cfg = pivotal_tuning.PivotalTuningConfig(

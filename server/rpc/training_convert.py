@@ -47,6 +47,7 @@ def training_spec(request: pb.StartTrainingRequest) -> TrainingSpec:
         sample_prompts=tuple(request.sample_prompts),
         masked_loss=request.masked_loss,
         gradient_checkpointing=request.gradient_checkpointing,
+        lr_scheduler=request.lr_scheduler,
         rank=lora.rank,
         alpha=_opt(lora, "alpha"),
         train_text_encoder=lora.train_text_encoder,

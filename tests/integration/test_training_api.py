@@ -44,13 +44,15 @@ def test_lora_job_end_to_end(served, tmp_path):
     assert uploaded.num_files == 6
     job_id = client.start_training(
         "lora", dataset="stars", adapter_name="tiny-star", instance_prompt="a sks shape", num_steps=6, batch_size=2,
-        rank=2, seed=3, checkpoint_every=4, sample_every=6, sample_prompts=["a red sks shape"],
+        rank=2, seed=3, checkpoint_every=4, sample_every=6, sample_prompts=["a red sks shape"], lr_scheduler="linear",
     )
     events = list(client.watch_job(job_id, timeout=300))
     assert isinstance(events[0], JobStatus)
     progress = [e for e in events if isinstance(e, TrainingProgress)]
     assert [p.step for p in progress] == list(range(progress[0].step, 7))
-    assert all(p.num_steps == 6 and p.loss == p.loss and p.learning_rate > 0 for p in progress)
+    assert all(p.num_steps == 6 and p.loss == p.loss for p in progress)
+    rates = [p.learning_rate for p in progress]  # linear: each step's rate below the last, 0 after the end
+    assert rates[0] > 0 and all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] == 0, rates
     samples = [e for e in events if isinstance(e, TrainingSample)]
     assert samples and samples[0].image.startswith(b"\x89PNG") and samples[0].prompt == "a red sks shape"
     final = events[-1]
@@ -200,6 +202,8 @@ def test_bad_options_name_the_field(served, tmp_path):
         client.start_training("lora", dataset="plain", adapter_name="bad/name")
     with pytest.raises(InvalidArgumentError, match="no dataset"):
         client.start_training("lora", dataset="missing", adapter_name="x2")
+    with pytest.raises(InvalidArgumentError, match="lr_scheduler: must be one of constant, cosine, linear, got 'warm'"):
+        client.start_training("lora", dataset="plain", adapter_name="x3", lr_scheduler="warm")
     with pytest.raises(NotFoundError):
         client.get_job("nope")
 
@@ -211,10 +215,12 @@ def test_cli_train_with_upload_and_progress_bar(served, tmp_path, capsys):
     argv = ["train", "lora", "--target", server.target, "--upload", str(star_files(tmp_path)), "--dataset", "cli-stars",
             "--adapter-name", "cli-star", "--instance-prompt", "a sks shape", "--steps", "3", "--batch-size", "1", "--rank", "1",
             "--download-dir", str(tmp_path / "out"), "--sample-every", "3", "--sample-prompt", "a sks shape",
-            "--samples-dir", str(tmp_path / "samples")]  # fmt: skip
+            "--samples-dir", str(tmp_path / "samples"), "--lr-scheduler", "linear", "--unet-lr", "3e-3"]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "3/3" in captured.err and "succeeded" in captured.err
+    # The schedule reached the trainer: a flat rate would still read 3.0e-03 after the last step.
+    assert "] 3/3 loss" in captured.err and "lr 0.0e+00 lora" in captured.err
     # Not a terminal: plain progress lines, not a redrawn bar (the in-process server's own
     # weight-loading bar also writes to this stderr, hence "\r[").
     assert "\r[" not in captured.err and "] 3/3 loss" in captured.err

@@ -260,21 +260,57 @@ def test_pivotal_tuning_lora_with_embedding_trains_both_then_lora_alone(tmp_path
     assert torch.equal(tuner.embeddings.vectors(), pivot)  # frozen once the LoRA goes on alone
 
 
+def test_lr_schedules_decay_within_each_phase():
+    """cosine and linear fall from the phase's rate to 0 at its end (diffusers' schedules), and a
+    new phase starts again from its own rate; constant stays flat after the warmup."""
+    rates = {}
+    for schedule in ("constant", "cosine", "linear"):
+        tuner = lora_trainer.build(lora_config(num_steps=6, lr_scheduler=schedule))
+        rates[schedule] = [tuner.train_step().learning_rate for _ in range(6)]  # the rate of the next step
+    assert rates["constant"] == [1e-2] * 6
+    for schedule in ("cosine", "linear"):
+        assert all(a > b for a, b in zip(rates[schedule], rates[schedule][1:])) and rates[schedule][-1] == 0.0, rates
+    assert rates["linear"][:5] == pytest.approx([1e-2 * (5 - i) / 6 for i in range(5)])
+
+    cfg = pivotal_tuning.PivotalTuningConfig(
+        **{**lora_config(num_steps=6, lr_scheduler="cosine").__dict__, "token": "<sks>"}, initializer_token="star", embedding_steps=3,
+        embedding_lr=5e-2,
+    )  # fmt: skip
+    tuner = pivotal_tuning.build(cfg)
+    rates = [tuner.train_step().learning_rate for _ in range(6)]
+    # Three steps per phase: 3/4, 1/4, then 0 of the token's rate, then of the LoRA's.
+    assert rates == pytest.approx([0.75 * 5e-2, 0.25 * 5e-2, 0.0, 0.75 * 1e-2, 0.25 * 1e-2, 0.0])
+
+
+def test_textual_inversion_decays_its_rate_by_default():
+    """Cosine is textual inversion's default: its rate ends at 0, so where a run stops does not
+    depend on where a flat rate happens to leave the vectors (models/README.md, pink)."""
+    cfg = textual_inversion.TextualInversionConfig(str(tiny_model_dir()), str(star_dataset()), token="<sks>", initializer_token="star", num_steps=4, warmup_steps=0)
+    tuner = textual_inversion.build(cfg)
+    assert [tuner.train_step().learning_rate for _ in range(4)][-1] == 0.0
+
+
+def test_unknown_lr_scheduler_is_refused_by_name():
+    with pytest.raises(ValueError, match="lr_scheduler must be one of constant, cosine, linear"):
+        lora_trainer.build(lora_config(lr_scheduler="cosine_with_restarts"))
+
+
 def test_pivotal_prior_needs_the_class_fields():
     with pytest.raises(ValueError, match="class_prompt and class_dir"):
         pivotal_tuning.PivotalTuningConfig(**{**lora_config().__dict__, "token": "<sks>"}, initializer_token="star", prior_loss_weight=1.0).validate()
 
 
-def test_checkpoint_resumes_exactly():
-    straight = lora_trainer.build(lora_config(num_steps=6))
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_checkpoint_resumes_exactly(schedule):
+    straight = lora_trainer.build(lora_config(num_steps=6, lr_scheduler=schedule))
     for _ in range(6):
         straight.train_step()
 
-    first = lora_trainer.build(lora_config(num_steps=6))
+    first = lora_trainer.build(lora_config(num_steps=6, lr_scheduler=schedule))
     for _ in range(3):
         first.train_step()
     state = first.state_dict()
-    resumed = lora_trainer.build(lora_config(num_steps=6))
+    resumed = lora_trainer.build(lora_config(num_steps=6, lr_scheduler=schedule))
     resumed.load_state_dict(state)
     assert resumed.step == 3
     for _ in range(3):

@@ -141,6 +141,7 @@ def start_request(
     sample_prompts: list[str] | None = None,
     masked_loss: bool = False,
     gradient_checkpointing: bool = False,
+    lr_scheduler: str = "",
     rank: int = 0,
     alpha: float | None = None,
     train_text_encoder: bool = False,
@@ -166,6 +167,7 @@ def start_request(
         method=METHODS[method], model=model, dataset=dataset, adapter_name=adapter_name, instance_prompt=instance_prompt,
         num_steps=num_steps, batch_size=batch_size, checkpoint_every=checkpoint_every, sample_every=sample_every,
         sample_prompts=sample_prompts or [], masked_loss=masked_loss, gradient_checkpointing=gradient_checkpointing,
+        lr_scheduler=lr_scheduler,
         lora=pb.LoraOptions(
             rank=rank, train_text_encoder=train_text_encoder, conv=conv, text_encoder_only=text_encoder_only,
             text_prior_prompts=text_prior_prompts or [],
