@@ -187,7 +187,7 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument(
         "--lr-scheduler", default="", choices=["", "constant", "cosine", "linear"],
-        help="learning-rate schedule after the warmup (default: cosine for textual inversion, constant for the LoRA methods)",
+        help="learning-rate schedule after the warmup (default constant; cosine and linear fall to 0 at the end)",
     )  # fmt: skip
     train.add_argument("--rank", type=int, default=0)
     train.add_argument("--alpha", type=float)

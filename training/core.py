@@ -286,10 +286,8 @@ class StepResult:
 
 
 # Learning-rate schedules by diffusers' names (its training scripts' --lr_scheduler). After the
-# warmup, "constant" stays flat; "cosine" and "linear" fall to zero at the end of each phase.
-# A decaying rate matters where the loss's minimum is not what the run is for: at a flat rate
-# textual inversion of pink on the default model passes through pink and drifts on (69% at
-# step 400, 20% at step 700); with cosine it stays where it got to (textual_inversion.py).
+# warmup, "constant" stays flat; "cosine" and "linear" fall to zero at the end of each phase, so
+# where a run ends does not depend on where a flat rate happened to leave it.
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 

@@ -50,7 +50,7 @@ class LoraTrainConfig:
     masked_loss: bool = False
     snr_gamma: float | None = 5.0
     warmup_steps: int = 10
-    lr_scheduler: str = "constant"  # core.LR_SCHEDULERS; the LoRA figures in the benchmarks are measured with constant
+    lr_scheduler: str = "constant"  # core.LR_SCHEDULERS
     # False: no LoRA on the UNet, so the concept is learnt through the text encoder (its LoRA,
     # and the token's vectors in pivotal tuning); the UNet draws every other prompt as before.
     unet_lora: bool = True

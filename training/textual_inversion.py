@@ -32,11 +32,11 @@ class TextualInversionConfig:
     masked_loss: bool = False
     snr_gamma: float | None = 5.0
     warmup_steps: int = 10
-    # Cosine, not diffusers' constant: the denoising loss's minimum need not be the concept, and
-    # at a flat rate the vector wanders on past it. Pink on the default model (1 vector, 4
-    # training seeds): flat, 39-69% at step 400 and 20% by step 700 for the best seed; cosine
-    # over 500 steps ends at 46-65% (benchmarks/training_efficacy.py).
-    lr_scheduler: str = "cosine"
+    # core.LR_SCHEDULERS. Constant, as diffusers' script. Neither wins everywhere on the default
+    # model's pink (4 training seeds each): at lr 1e-2, cosine over 500 steps ends at 46-65%
+    # (flat, 39-69% at step 400); at lr 5e-2 over 300 steps cosine ends at 0-5% and flat at
+    # 19-56% (benchmarks/training_efficacy.py).
+    lr_scheduler: str = "constant"
 
     def validate(self) -> None:
         if not self.token or not self.initializer_token:

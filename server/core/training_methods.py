@@ -38,7 +38,7 @@ class TrainingSpec:
     sample_prompts: tuple[str, ...] = ()
     masked_loss: bool = False
     gradient_checkpointing: bool = False
-    lr_scheduler: str = ""  # "": the method's (cosine for textual inversion, constant for the LoRA methods)
+    lr_scheduler: str = ""  # "": constant
     # LoRA
     rank: int = 0
     alpha: float | None = None

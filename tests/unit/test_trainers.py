@@ -282,12 +282,14 @@ def test_lr_schedules_decay_within_each_phase():
     assert rates == pytest.approx([0.75 * 5e-2, 0.25 * 5e-2, 0.0, 0.75 * 1e-2, 0.25 * 1e-2, 0.0])
 
 
-def test_textual_inversion_decays_its_rate_by_default():
-    """Cosine is textual inversion's default: its rate ends at 0, so where a run stops does not
-    depend on where a flat rate happens to leave the vectors (models/README.md, pink)."""
-    cfg = textual_inversion.TextualInversionConfig(str(tiny_model_dir()), str(star_dataset()), token="<sks>", initializer_token="star", num_steps=4, warmup_steps=0)
+def test_textual_inversion_takes_a_schedule():
+    cfg = textual_inversion.TextualInversionConfig(
+        str(tiny_model_dir()), str(star_dataset()), token="<sks>", initializer_token="star", num_steps=4, warmup_steps=0, learning_rate=4e-2
+    )  # fmt: skip
+    assert textual_inversion.build(cfg).train_step().learning_rate == 4e-2  # constant by default, as diffusers'
+    cfg.lr_scheduler = "linear"
     tuner = textual_inversion.build(cfg)
-    assert [tuner.train_step().learning_rate for _ in range(4)][-1] == 0.0
+    assert [tuner.train_step().learning_rate for _ in range(4)] == pytest.approx([3e-2, 2e-2, 1e-2, 0.0])
 
 
 def test_unknown_lr_scheduler_is_refused_by_name():
