@@ -22,7 +22,13 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    prompts of the base classes ("a red triangle", ...; a diagnostic,
    not a method) reached 75% star with the base classes at 84%: this UNet cannot draw a star
    for the token without changing how it draws the other shapes.
-2. The same without prior preservation: how much the base classes drop.
+2. The same without prior preservation: how much the base classes drop. Both rows also print
+   DreamBooth's own measure of language drift: how often the class prompt "a shape", and
+   "a <colour> shape", now draw a star (8 seeds; the base model: never). Measured 2026-11-27:
+   with the prior "a shape" 0% star, "a <colour> shape" 94%, base classes 48%; without it 100%,
+   62%, 31%. Prior preservation holds the class prompt it trains on and little beside it.
+   With `--class-prompt "[filewords]"` (class images for "a red shape", ...; /tmp script, same
+   trainer) "a <colour> shape" drew a star 0-25% of the time and the base classes 36%.
 3. Textual inversion of the held-out colour ("pink") from 5 pink shapes captioned
    "a <pink> <shape>", one vector from "red" at lr 1e-2, 500 steps on a cosine schedule
    (--colour-schedule; textual inversion's default is constant); bar: >= 70% of
@@ -140,6 +146,19 @@ assert not set(TEXT_PRIOR_PROMPTS) & set(BASE_CLASS_PROMPTS)
 def base_classes_rate(parts, seeds, embeddings=None) -> float:
     images = generate(parts, BASE_CLASS_PROMPTS, seeds, embeddings)
     return judge(images, BASE_CLASS_PROMPTS * len(seeds)).hit_rate
+
+
+def class_prompt_drift(parts, class_prompt: str, seeds) -> tuple[float, float]:
+    """DreamBooth's own measure of language drift: how often the class prompt itself, and the
+    same prompt with each colour ("a red shape"), now draws the instance (a star)."""
+    plain = [class_prompt]
+    coloured = [f"a {c} {class_prompt.removeprefix('a ')}" for c in EVAL_COLOURS]
+    out = []
+    for prompts in (plain, coloured):
+        images = generate(parts, prompts, seeds)
+        shapes = [shape for shape, _ in judge(images, ["a red"] * len(images)).predictions]  # only the predicted shape is read
+        out.append(sum(s == HELD_OUT_SHAPE for s in shapes) / len(shapes))
+    return out[0], out[1]
 
 
 class ConceptRates(NamedTuple):
@@ -328,6 +347,8 @@ def main() -> None:
         )  # fmt: skip
 
     if "dreambooth" in only or "noprior" in only:
+        drift_seeds = list(range(100, 108))
+        base_drift = class_prompt_drift(base, "a shape", drift_seeds)
         t0 = time.perf_counter()
         dreambooth.ensure_class_images(db_config(True), class_image_generator(args.model))
         class_seconds = time.perf_counter() - t0
@@ -342,6 +363,7 @@ def main() -> None:
         )
         shape_rate, pair_rate, formed = star_rate(tuner)
         after = base_classes_rate(tuner.parts, base_seeds)
+        drift = class_prompt_drift(tuner.parts, "a shape", drift_seeds)
         adapter_dir = work / f"{name}-out"
         size = write_outputs(tuner.adapter(), adapter_dir, name)["kohya"].stat().st_size
         results[name] = shape_rate
@@ -351,6 +373,7 @@ def main() -> None:
             f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)",
             f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
         ])  # fmt: skip
+        print(f"  {name}: 'a shape' draws a star {drift[0]:.0%}, 'a <colour> shape' {drift[1]:.0%} (base model: {base_drift[0]:.0%}, {base_drift[1]:.0%})", flush=True)
 
     if "ti_colour" in only:
         print(f"ti_colour: textual inversion of the held-out colour, {args.colour_vectors} vectors, {args.colour_runs} training seeds", flush=True)
