@@ -13,10 +13,10 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    star; base classes ("a <colour> <shape>", every seen shape) within 5 points of before.
    The hit rate is measured every --eval-every steps: the first step count and the training time
    that reach the bar are reported (bar: <= 3 minutes on a 2-core CPU).
-   Measured 2026-11-27: 97% star after 400 steps (53 s), the base classes 96% -> 48%. Other
-   training seeds (same settings, /tmp script): seed 1 91% star at step 400, base classes 39%;
-   seed 2 84% at step 300 and 78% at 400, base classes 20% and 32%. The star bar is met on each
-   seed by step 400 (50 s of training); the base classes fall further than seed 0's. Every
+   Measured 2026-11-27: 97% star after 400 steps (50 s), the base classes 96% -> 48%. With
+   --db-runs 3, training seeds 1 and 2: 91% and 78% star at step 400 (the bar at steps 400 and
+   300), base classes 39% and 32%. The star bar is met on each seed by step 400; the base
+   classes fall further than seed 0's. Every
    setting lands near star + base classes = 110-170 points, short of the bar's 80 + 91. Even a
    prior that holds the base model's own predictions (not the class images' noise) on the very
    prompts of the base classes ("a red triangle", ...; a diagnostic,
@@ -27,8 +27,8 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    "a <colour> shape", now draw a star (8 seeds; the base model: never). Measured 2026-11-27:
    with the prior "a shape" 0% star, "a <colour> shape" 94%, base classes 48%; without it 100%,
    62%, 31%. Prior preservation holds the class prompt it trains on and little beside it.
-   With `--class-prompt "[filewords]"` (class images for "a red shape", ...; /tmp script, same
-   trainer) "a <colour> shape" drew a star 0-25% of the time and the base classes 36%.
+   With `--class-prompt "[filewords]"` (class images for "a red shape", ...) "a <colour> shape"
+   drew a star 25% of the time, but the star itself fell to 47% and the base classes to 36%.
 3. Textual inversion of the held-out colour ("pink") from 5 pink shapes captioned
    "a <pink> <shape>", one vector from "red" at lr 1e-2, 500 steps on a cosine schedule
    (--colour-schedule; textual inversion's default is constant); bar: >= 70% of
@@ -302,6 +302,7 @@ def main() -> None:
     parser.add_argument("--num-class-images", type=int, default=40)
     parser.add_argument("--class-prompt", default="a shape", help="'[filewords]': each instance caption without the token ('a red shape')")
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--db-runs", type=int, default=1, help="DreamBooth-LoRA rows: training seeds 0..N-1 (seed 0 in full, the others' star, base classes and bar step)")
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--colour-seeds", type=int, default=16, help="textual inversion of pink: seeds x 5 shapes (8 seeds gave 70%% where 16 gave 69%%)")
     parser.add_argument("--base-seeds", type=int, default=4)
@@ -337,10 +338,10 @@ def main() -> None:
     def star_rate(tuner, embeddings=None, token="sks"):
         return concept_rates(tuner.parts, f"a {{colour}} {token} shape", f"a {{colour}} {HELD_OUT_SHAPE}", seeds, embeddings)
 
-    def db_config(prior: bool) -> dreambooth.DreamBoothConfig:
+    def db_config(prior: bool, seed: int = 0) -> dreambooth.DreamBoothConfig:
         return dreambooth.DreamBoothConfig(
             model_dir=args.model, dataset=str(star_data), instance_prompt="a sks shape", token="sks", num_steps=args.steps,
-            batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, seed=0,
+            batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, seed=seed,
             class_prompt=args.class_prompt, class_dir=str(work / "class"), num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight if prior else 0.0, conv=args.conv,
             train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
@@ -364,14 +365,24 @@ def main() -> None:
         shape_rate, pair_rate, formed = star_rate(tuner)
         after = base_classes_rate(tuner.parts, base_seeds)
         drift = class_prompt_drift(tuner.parts, "a shape", drift_seeds)
+        # Other training seeds: the same run, each tracked for the bar and judged at its end.
+        seed_runs = [(shape_rate, after, reached)]
+        for seed in range(1, args.db_runs):
+            print(f"  training seed {seed}", flush=True)
+            other = dreambooth.build(db_config(prior, seed))
+            _, _, other_reached = train_and_track(other, args.eval_every, lambda t: star_rate(t).part, 0.8)
+            seed_runs.append((star_rate(other).part, base_classes_rate(other.parts, base_seeds), other_reached))
         adapter_dir = work / f"{name}-out"
         size = write_outputs(tuner.adapter(), adapter_dir, name)["kohya"].stat().st_size
         results[name] = shape_rate
         rows.append([
             f"DreamBooth-LoRA ({'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, f"{size / 1024:.0f} KiB",
-            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour, {formed:.0%} well formed)",
-            f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)",
-            f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached",
+            f"{rate_with_interval(shape_rate, n_star)} star ({pair_rate:.0%} star+colour, {formed:.0%} well formed)"
+            + (f"; seeds 0-{len(seed_runs) - 1}: {', '.join(f'{r[0]:.0%}' for r in seed_runs)}" if len(seed_runs) > 1 else ""),
+            f"{base_rate:.0%} -> {rate_with_interval(after, n_base)} ({(after - base_rate) * 100:+.0f} pts)"
+            + (f"; seeds 0-{len(seed_runs) - 1}: {', '.join(f'{r[1]:.0%}' for r in seed_runs)}" if len(seed_runs) > 1 else ""),
+            (f"step {reached[0]}, {reached[1]:.0f}s" if reached else "not reached")
+            + (f"; seeds 0-{len(seed_runs) - 1}: steps {', '.join(str(r[2][0]) if r[2] else '-' for r in seed_runs)}" if len(seed_runs) > 1 else ""),
         ])  # fmt: skip
         print(f"  {name}: 'a shape' draws a star {drift[0]:.0%}, 'a <colour> shape' {drift[1]:.0%} (base model: {base_drift[0]:.0%}, {base_drift[1]:.0%})", flush=True)
 
