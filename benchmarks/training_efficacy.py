@@ -105,7 +105,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import print_header, print_table, rate_with_interval  # noqa: E402
 
 from impasto.models import DEFAULT_SETTINGS, default_model_path  # noqa: E402
-from impasto.models.judge import judge  # noqa: E402
+from impasto.models.judge import classify, judge  # noqa: E402
 from impasto.models.shapes import BACKGROUNDS, HELD_OUT_COLOUR, HELD_OUT_SHAPE, MAX_RADIUS, MIN_RADIUS, SEEN_COLOURS, SEEN_SHAPES, Scene, caption, render  # noqa: E402
 from impasto.training import dreambooth, pivotal_tuning, textual_inversion  # noqa: E402
 from impasto.training.core import load_components, sample_images  # noqa: E402
@@ -158,8 +158,7 @@ def class_prompt_drift(parts, class_prompt: str, seeds) -> tuple[float, float]:
     coloured = [f"a {c} {class_prompt.removeprefix('a ')}" for c in EVAL_COLOURS]
     out = []
     for prompts in (plain, coloured):
-        images = generate(parts, prompts, seeds)
-        shapes = [shape for shape, _ in judge(images, ["a red"] * len(images)).predictions]  # only the predicted shape is read
+        shapes = [shape for shape, _ in classify(generate(parts, prompts, seeds))]
         out.append(sum(s == HELD_OUT_SHAPE for s in shapes) / len(shapes))
     return out[0], out[1]
 
@@ -421,7 +420,8 @@ def main() -> None:
         rows.append([
             f"Textual inversion (pink, {args.colour_vectors} vectors)", tuner.step, f"{seconds:.0f}s", "-", "-",
             f"{rate_with_interval(colour_rate, n_pink)} pink ({pair_rate:.0%} pink+shape, {formed:.0%} well formed)"
-            + (f"; seeds 0-{len(finals) - 1}: {', '.join(f'{r:.0%}' for r in finals)}, pooled {rate_with_interval(sum(finals) / len(finals), n_pink * len(finals))}" if len(finals) > 1 else ""),
+            + per_seed([f"{r:.0%}" for r in finals])
+            + (f", pooled {rate_with_interval(sum(finals) / len(finals), n_pink * len(finals))}" if len(finals) > 1 else ""),
             f"{base_rate:.0%} -> {rate_with_interval(after, n_base)}", f"step {reached[0]}, {reached[1]:.0f}s (70% bar)" if reached else "not reached (70% bar)",
         ])  # fmt: skip
 

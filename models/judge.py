@@ -54,8 +54,8 @@ class ShapesJudgeNet(nn.Module):
         return self.shape_head(h), self.colour_head(h)
 
 
-def to_judge_input(images) -> torch.Tensor:
-    """PIL images or uint8 arrays (H, W, 3) / (N, H, W, 3) -> float (N, 3, 64, 64) in [0, 1]."""
+def as_arrays(images) -> list[np.ndarray]:
+    """PIL images or uint8 arrays (H, W, 3) / (N, H, W, 3) -> checked uint8 (64, 64, 3) arrays."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         arrays = list(images)
     else:
@@ -63,7 +63,12 @@ def to_judge_input(images) -> torch.Tensor:
     for a in arrays:
         if a.dtype != np.uint8 or a.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"judge expects {IMAGE_SIZE}x{IMAGE_SIZE} RGB uint8 images, got {a.dtype} {a.shape}")
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return arrays
+
+
+def to_judge_input(images) -> torch.Tensor:
+    """PIL images or uint8 arrays (H, W, 3) / (N, H, W, 3) -> float (N, 3, 64, 64) in [0, 1]."""
+    x = torch.from_numpy(np.stack(as_arrays(images))).permute(0, 3, 1, 2).float()
     return x / 255.0
 
 
@@ -113,8 +118,9 @@ def judge(images, prompts: list[str], net: ShapesJudgeNet | None = None) -> Judg
     """Score images against the prompts that made them."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    predictions = classify(images, net)
-    formed = [well_formed(np.asarray(im.convert("RGB") if hasattr(im, "convert") else im)) for im in images]
+    arrays = as_arrays(images)  # once, for the CNN and the well-formed check
+    predictions = classify(arrays, net)
+    formed = [well_formed(a) for a in arrays]
     hits, groups = [], defaultdict(list)
     for (p_shape, p_colour), prompt, ok in zip(predictions, prompts, formed):
         shape, colour = expected_from_prompt(prompt)

@@ -295,8 +295,6 @@ def lr_scheduler_for(optimizer: torch.optim.Optimizer, name: str, warmup: int, n
     if name == "constant":
         # Warmup from the first step (diffusers' constant_with_warmup starts at a rate of 0).
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    if name not in LR_SCHEDULERS:
-        raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {name!r}")
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
@@ -311,6 +309,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     snr_gamma: float | None = 5.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Checked here, when a trainer is built, not at the first phase after minutes of set-up.
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
 
 
 class FineTuner:
@@ -338,8 +341,6 @@ class FineTuner:
     ):
         if not phases or any(p.num_steps < 0 for p in phases):
             raise ValueError("a run needs at least one phase with steps >= 0")
-        if optim.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {optim.lr_scheduler!r}")
         self.parts, self.phases, self.optim = parts, phases, optim
         self.noise_scheduler = parts.noise_scheduler
         self.instance = CachedLatents(parts.vae, instance)
