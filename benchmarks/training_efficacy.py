@@ -29,6 +29,12 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    62%, 31%. Prior preservation holds the class prompt it trains on and little beside it.
    With `--class-prompt "[filewords]"` (class images for "a red shape", ...) "a <colour> shape"
    drew a star 25% of the time, but the star itself fell to 47% and the base classes to 36%.
+   With `--extra-class-prompts captions` (the model's 90 full captions as class prompts beside
+   "a shape", 180 class images; none is a judged base-class prompt), measured 2026-11-27 with
+   `--train-runs 3 --threads 1`: DreamBooth-LoRA kept the base classes at 91%, 81%, 90% but drew
+   the star only 34%, 22%, 3% after 400 steps ("a shape" 12% star, "a <colour> shape" 31%);
+   `--only pivotal_joint` with it: star 53%, 66%, 38%, base classes 89%, 79%, 84%. The prior
+   holds what it trains on; this UNet has no room for the star beside everything it holds.
 3. Textual inversion of the held-out colour ("pink") from 5 pink shapes captioned
    "a <pink> <shape>", one vector from "red" at lr 1e-2, 500 steps on a cosine schedule
    (--colour-schedule; textual inversion's default is constant); bar: >= 70% of
@@ -60,7 +66,7 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    the mean and on seeds 0 and 1, not on seed 2 (75% against 78%, 32 images each).
 5. (`pivotal_te`) Pivotal tuning through the text encoder alone: the token (--te-vectors
    vectors) and a text-encoder LoRA in diffusers' order, no LoRA on the UNet, and a text prior
-   (training/text_prior.py) holding the encodings of TEXT_PRIOR_PROMPTS, the model's 98 full
+   (training/text_prior.py) holding the encodings of TEXT_PRIOR_PROMPTS, the model's 90 full
    captions, class prompts and "" (none of them a judged base-class prompt). The UNet draws what
    it drew for any prompt whose encoding held: base classes 96% -> 98%. But the frozen UNet does
    not draw a star: half the images for the token are specks and streaks (50% well formed), and
@@ -140,9 +146,8 @@ BASE_CLASS_PROMPTS = [f"a {c} {s}" for s in SEEN_SHAPES for c in EVAL_COLOURS]
 # What `pivotal_te` holds in the text space: the model's full captions ("a red circle on a white
 # background", every seen colour, shape and background), the class prompts and the empty prompt
 # (classifier-free guidance's other half). None of them is one of the base-class prompts judged.
-TEXT_PRIOR_PROMPTS = (
-    [caption(s, c, b) for c in SEEN_COLOURS for s in SEEN_SHAPES for b in BACKGROUNDS] + ["a shape"] + [caption(None, c, None) for c in SEEN_COLOURS] + [""]
-)
+FULL_CAPTIONS = [caption(s, c, b) for c in SEEN_COLOURS for s in SEEN_SHAPES for b in BACKGROUNDS]
+TEXT_PRIOR_PROMPTS = FULL_CAPTIONS + ["a shape"] + [caption(None, c, None) for c in SEEN_COLOURS] + [""]
 assert not set(TEXT_PRIOR_PROMPTS) & set(BASE_CLASS_PROMPTS)
 
 
@@ -307,6 +312,10 @@ def main() -> None:
     parser.add_argument("--colour-schedule", default="cosine", help="textual inversion of pink: learning-rate schedule (constant, cosine, linear)")
     parser.add_argument("--colour-runs", type=int, default=4, help="textual inversion of pink: training seeds, each judged at its end")
     parser.add_argument("--num-class-images", type=int, default=40)
+    parser.add_argument(
+        "--extra-class-prompts", choices=["none", "captions"], default="none",
+        help="prior preservation: 'captions' adds the model's 90 full captions as class prompts (2 class images each)",
+    )  # fmt: skip
     parser.add_argument("--class-prompt", default="a shape", help="'[filewords]': each instance caption without the token ('a red shape')")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--train-runs", type=int, default=1, help="DreamBooth-LoRA and pivotal rows: training seeds 0..N-1 (seed 0 in full; the others' star, base classes, bar step)")
@@ -337,6 +346,11 @@ def main() -> None:
     star_before = concept_rates(base, "a {colour} sks shape", f"a {{colour}} {HELD_OUT_SHAPE}", seeds).part
     print(f"base model: base classes {rate_with_interval(base_rate, n_base)}; 'a <colour> sks shape' judged a star {star_before:.0%}\n", flush=True)
 
+    # What the prior holds: the class prompt, and with --extra-class-prompts captions every full
+    # caption the model learnt (none of them a judged base-class prompt).
+    extra_class_prompts = tuple(FULL_CAPTIONS) if args.extra_class_prompts == "captions" else ()
+    num_class_images = max(args.num_class_images, 2 * len(extra_class_prompts))
+    class_dir = work / f"class-{args.extra_class_prompts}"
     star_data = render_dataset(work / "stars", [(HELD_OUT_SHAPE, c) for c in INSTANCE_COLOURS], [f"a {c} {{token}} shape" for c in INSTANCE_COLOURS], 1)
     pink_shapes = list(SEEN_SHAPES)[:5]
     pink_data = render_dataset(work / "pink", [(s, HELD_OUT_COLOUR) for s in pink_shapes], [f"a {{token}} {s}" for s in pink_shapes], 2)
@@ -349,7 +363,8 @@ def main() -> None:
         return dreambooth.DreamBoothConfig(
             model_dir=args.model, dataset=str(star_data), instance_prompt="a sks shape", token="sks", num_steps=args.steps,
             batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, seed=seed,
-            class_prompt=args.class_prompt, class_dir=str(work / "class"), num_class_images=args.num_class_images,
+            class_prompt=args.class_prompt, class_dir=str(class_dir), num_class_images=num_class_images,
+            extra_class_prompts=extra_class_prompts,
             prior_loss_weight=args.prior_loss_weight if prior else 0.0, conv=args.conv,
             train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         )  # fmt: skip
@@ -360,7 +375,9 @@ def main() -> None:
         t0 = time.perf_counter()
         dreambooth.ensure_class_images(db_config(True), class_image_generator(args.model))
         class_seconds = time.perf_counter() - t0
-        print(f"class images: {args.num_class_images} of {dreambooth.class_prompts(db_config(True))} in {class_seconds:.0f}s\n", flush=True)
+        prompts = dreambooth.class_prompts(db_config(True))
+        shown = prompts if len(prompts) <= 8 else prompts[:3] + [f"... {len(prompts) - 3} more"]
+        print(f"class images: {num_class_images} of {shown} in {class_seconds:.0f}s\n", flush=True)
     for name, prior in (("dreambooth", True), ("noprior", False)):
         if name not in only:
             continue
@@ -454,8 +471,9 @@ def main() -> None:
                 embedding_steps=embedding_steps, train_lora_with_embedding=joint, batch_size=args.batch_size, rank=args.rank,
                 unet_lr=args.unet_lr, embedding_lr=args.embedding_lr,
                 seed=seed, conv=args.conv, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
-                class_prompt=args.class_prompt if prior else "", class_dir=str(work / "class") if prior else "",
-                num_class_images=args.num_class_images, prior_loss_weight=args.prior_loss_weight if prior else 0.0,
+                class_prompt=args.class_prompt if prior else "", class_dir=str(class_dir) if prior else "",
+                num_class_images=num_class_images, prior_loss_weight=args.prior_loss_weight if prior else 0.0,
+                extra_class_prompts=extra_class_prompts if prior else (),
             )  # fmt: skip
 
         if prior:

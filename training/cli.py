@@ -57,10 +57,11 @@ def _watch(client, job_id: str, args) -> int:
     return 0
 
 
-def _text_prior_prompts(args) -> list[str]:
-    prompts = list(args.text_prior_prompt or [])
-    if args.text_prior_file:
-        lines = Path(args.text_prior_file).read_text(encoding="utf-8").splitlines()
+def _prompts(repeated: list[str] | None, file: str | None) -> list[str]:
+    """Prompts given one by one (a repeated option) and from a file, one per line ('#' comments)."""
+    prompts = list(repeated or [])
+    if file:
+        lines = Path(file).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return prompts
 
@@ -95,6 +96,7 @@ def _train(args) -> int:
             unet_lr=args.unet_lr,
             text_encoder_lr=args.text_encoder_lr,
             class_prompt=args.class_prompt,
+            extra_class_prompts=_prompts(args.extra_class_prompt, args.class_prompt_file),
             num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight,
             token=args.token,
@@ -104,7 +106,7 @@ def _train(args) -> int:
             embedding_steps=args.embedding_steps,
             train_lora_with_embedding=args.train_lora_with_embedding,
             text_encoder_only=args.text_encoder_only,
-            text_prior_prompts=_text_prior_prompts(args),
+            text_prior_prompts=_prompts(args.text_prior_prompt, args.text_prior_file),
             text_prior_weight=args.text_prior_weight,
         )
         print(f"job {job_id} queued", file=sys.stderr)
@@ -197,6 +199,11 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--text-encoder-lr", type=float)
     train.add_argument("--class-prompt", default="", help="prior preservation (DreamBooth-LoRA, pivotal tuning), e.g. 'a shape'; '[filewords]' = each caption without the token")
     train.add_argument("--num-class-images", type=int, default=0)
+    train.add_argument(
+        "--extra-class-prompt", action="append",
+        help="another class prompt (its class images hold what it draws), e.g. a prompt your users write; repeat for several",
+    )  # fmt: skip
+    train.add_argument("--class-prompt-file", help="a file of extra class prompts, one per line")
     train.add_argument("--prior-loss-weight", type=float)
     train.add_argument("--token", default="", help="textual inversion / pivotal tuning: the new token, e.g. '<pink>'")
     train.add_argument("--initializer-token", default="")

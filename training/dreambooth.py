@@ -18,6 +18,17 @@ that name colours, the prior never sees a colour word, so nothing stops the LoRA
 "a colour word -> the instance" as well as "the token -> the instance"; measured on the
 embedded shapes model, the base classes ("a red circle") fell from 95% to 10% that way, with
 the prior on (benchmarks/training_efficacy.py).
+
+`extra_class_prompts` adds class prompts of their own (kohya's regularisation set, each image
+with its own caption): the prompts the model must go on drawing as before, typically what its
+users write. The class images are split evenly over all the class prompts. Why: a prior holds
+the prompts it trains on and little beside them. On the embedded shapes model (rank 8 LoCon,
+400 steps, training seeds 0-2), class images for "a shape" alone kept that prompt but left
+"a red triangle" and the other named shapes drawn right 32-48% of the time (96% before), the
+star at 78-97%; with the model's own 90 captions ("a red circle on a white background", ...)
+as extra class prompts the named shapes stayed at 81-91%, but the star reached only 3-34%
+(benchmarks/training_efficacy.py, `--extra-class-prompts captions`, 2026-11-27): a trade, on
+a UNet this small, not a free gain.
 """
 
 from __future__ import annotations
@@ -43,43 +54,60 @@ ClassImageGenerator = Callable[[str, int, int], list[np.ndarray]]
 class DreamBoothConfig(LoraTrainConfig):
     class_prompt: str = ""
     class_dir: str = ""  # where the class images are (or will be) kept
-    num_class_images: int = 50
+    num_class_images: int = 0  # 0: DEFAULT_CLASS_IMAGES, or one per class prompt if there are more
     prior_loss_weight: float = 1.0
     class_seed: int = 10_000
+    extra_class_prompts: tuple[str, ...] = ()  # class prompts beside class_prompt
 
     def validate(self) -> None:
         super().validate()
         if not self.instance_prompt:
             raise ValueError("DreamBooth needs an instance prompt, e.g. 'a sks shape'")
-        if self.prior_loss_weight > 0 and not (self.class_prompt and self.class_dir):
-            raise ValueError("prior preservation needs class_prompt and class_dir (or prior_loss_weight = 0)")
-        if FILEWORDS in self.class_prompt and not self.token:
-            raise ValueError(f"a class prompt with {FILEWORDS} needs the instance token, to take it out of the captions")
+        validate_class_fields(self)
 
 
 FILEWORDS = "[filewords]"
+DEFAULT_CLASS_IMAGES = 50
+
+
+def validate_class_fields(cfg) -> None:
+    """The class fields' checks, for DreamBoothConfig and PivotalTuningConfig alike."""
+    if cfg.prior_loss_weight <= 0:
+        return
+    if not ((cfg.class_prompt or cfg.extra_class_prompts) and cfg.class_dir):
+        raise ValueError("prior preservation needs class_prompt (or extra_class_prompts) and class_dir (or prior_loss_weight = 0)")
+    if FILEWORDS in cfg.class_prompt and not cfg.token:
+        raise ValueError(f"a class prompt with {FILEWORDS} needs the instance token, to take it out of the captions")
+    if any(not p.strip() or FILEWORDS in p for p in cfg.extra_class_prompts):
+        raise ValueError(f"extra_class_prompts must be plain prompts: none empty, none with {FILEWORDS}")
+    if cfg.token and any(cfg.token in p.split() for p in cfg.extra_class_prompts):
+        raise ValueError(f"extra_class_prompts must not contain the instance token {cfg.token!r}: they are what it must leave alone")
 
 
 def class_prompts(cfg: DreamBoothConfig) -> list[str]:
-    """The distinct class prompts, in caption order: [class_prompt], or one per distinct
-    instance caption (without the token) when the class prompt holds `[filewords]`."""
+    """The distinct class prompts, in order: class_prompt, or one per distinct instance caption
+    (without the token) when it holds `[filewords]`; then extra_class_prompts."""
+    prompts: list[str] = []
     if FILEWORDS not in cfg.class_prompt:
-        return [cfg.class_prompt]
-    token = re.compile(rf"\s*(?<!\S){re.escape(cfg.token)}(?!\S)")
-    prompts = []
-    for caption in dataset_captions(Path(cfg.dataset), default_caption=cfg.instance_prompt, token=cfg.token):
-        words = token.sub("", caption).strip()
-        prompt = " ".join(cfg.class_prompt.replace(FILEWORDS, words).split())
-        if prompt not in prompts:
-            prompts.append(prompt)
-    return prompts
+        prompts = [cfg.class_prompt] if cfg.class_prompt else []
+    else:
+        token = re.compile(rf"\s*(?<!\S){re.escape(cfg.token)}(?!\S)")
+        for caption in dataset_captions(Path(cfg.dataset), default_caption=cfg.instance_prompt, token=cfg.token):
+            words = token.sub("", caption).strip()
+            prompts.append(" ".join(cfg.class_prompt.replace(FILEWORDS, words).split()))
+    prompts += [" ".join(p.split()) for p in cfg.extra_class_prompts]
+    return list(dict.fromkeys(prompts))  # distinct, first occurrence first
 
 
 def class_prompt_plan(cfg: DreamBoothConfig) -> list[str]:
     """The prompt of each class image by index: contiguous, near-equal blocks per prompt, so
-    image i is always drawn with seed class_seed + i (batches stay within one prompt)."""
+    image i is always drawn with seed class_seed + i (batches stay within one prompt).
+    Every prompt needs an image: fewer images than prompts is an error, not a silent drop."""
     prompts = class_prompts(cfg)
-    base, extra = divmod(cfg.num_class_images, len(prompts))
+    count = cfg.num_class_images or max(DEFAULT_CLASS_IMAGES, len(prompts))
+    if count < len(prompts):
+        raise ValueError(f"num_class_images ({count}) is below the number of class prompts ({len(prompts)}): each needs an image")
+    base, extra = divmod(count, len(prompts))
     return [p for j, p in enumerate(prompts) for _ in range(base + (j < extra))]
 
 
@@ -91,8 +119,8 @@ def ensure_class_images(cfg: DreamBoothConfig, generate: ClassImageGenerator, ba
     """Generate the class images still missing from class_dir (atomically, one file each)."""
     folder = Path(cfg.class_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "class_prompt.txt").write_text(cfg.class_prompt)
     plan = class_prompt_plan(cfg)
+    (folder / "class_prompts.txt").write_text("\n".join(class_prompts(cfg)) + "\n", encoding="utf-8")  # a record for people
     have = len(class_image_files(folder))
     while have < len(plan):
         prompt = plan[have]
@@ -110,13 +138,13 @@ def ensure_class_images(cfg: DreamBoothConfig, generate: ClassImageGenerator, ba
             Image.fromarray(pixels).save(tmp, format="PNG")
             tmp.replace(folder / f"{stem}.png")
         have += n
-    return class_image_files(folder)[: cfg.num_class_images]
+    return class_image_files(folder)[: len(plan)]
 
 
 def load_class_examples(cfg, resolution: int) -> list[Example]:
     """The class images of `cfg.class_dir` as training examples, each with its own prompt.
     `cfg`: any config with the class fields (DreamBoothConfig, or PivotalTuningConfig with a prior)."""
-    files = class_image_files(Path(cfg.class_dir))[: cfg.num_class_images]
+    files = class_image_files(Path(cfg.class_dir))[: len(class_prompt_plan(cfg))]
     if not files:
         raise ValueError(f"no class images in {cfg.class_dir}; run ensure_class_images first")
     examples = []

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .core import BaseComponents, FineTuner, Phase, load_components
-from .dreambooth import load_class_examples
+from .dreambooth import load_class_examples, validate_class_fields
 from .lora_trainer import LoraTrainConfig, add_lora, optim_config
 from .text_prior import text_prior_of
 from .textual_inversion import add_token, load_token_dataset
@@ -47,9 +47,10 @@ class PivotalTuningConfig(LoraTrainConfig):
     # Prior preservation (off unless prior_loss_weight > 0): see dreambooth.py.
     class_prompt: str = ""
     class_dir: str = ""
-    num_class_images: int = 50
+    num_class_images: int = 0  # 0: dreambooth.DEFAULT_CLASS_IMAGES, or one per class prompt
     prior_loss_weight: float = 0.0
     class_seed: int = 10_000
+    extra_class_prompts: tuple[str, ...] = ()
     # The LoRA trains in the embedding phase too (diffusers' order), not only after it (lora_pti's).
     train_lora_with_embedding: bool = False
 
@@ -57,8 +58,7 @@ class PivotalTuningConfig(LoraTrainConfig):
         super().validate()
         if not self.token or not self.initializer_token:
             raise ValueError("pivotal tuning needs token and initializer_token")
-        if self.prior_loss_weight > 0 and not (self.class_prompt and self.class_dir):
-            raise ValueError("prior preservation needs class_prompt and class_dir (or prior_loss_weight = 0)")
+        validate_class_fields(self)
 
     @property
     def phase_steps(self) -> tuple[int, int]:

@@ -19,6 +19,8 @@ MAX_STEPS = 100_000
 MAX_BATCH = 64
 MAX_RANK = 256
 MAX_TEXT_PRIOR_PROMPTS = 1024  # each is a text-encoder pass per step
+MAX_CLASS_PROMPTS = 1024  # each needs at least one class image, generated before the job starts
+MAX_CLASS_IMAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TrainingSpec:
     text_prior_weight: float | None = None
     # DreamBooth
     class_prompt: str = ""
+    extra_class_prompts: tuple[str, ...] = ()
     num_class_images: int = 0
     prior_loss_weight: float | None = None
     # textual inversion / pivotal tuning
@@ -65,6 +68,7 @@ class TrainingSpec:
         d = asdict(self)
         d["sample_prompts"] = list(self.sample_prompts)
         d["text_prior_prompts"] = list(self.text_prior_prompts)
+        d["extra_class_prompts"] = list(self.extra_class_prompts)
         return d
 
     @classmethod
@@ -73,6 +77,7 @@ class TrainingSpec:
         d = {k: v for k, v in d.items() if k in known}
         d["sample_prompts"] = tuple(d.get("sample_prompts", ()))
         d["text_prior_prompts"] = tuple(d.get("text_prior_prompts", ()))
+        d["extra_class_prompts"] = tuple(d.get("extra_class_prompts", ()))
         return cls(**d)
 
     @property
@@ -81,7 +86,11 @@ class TrainingSpec:
 
     @property
     def uses_prior_preservation(self) -> bool:
-        return self.method in PRIOR_METHODS and bool(self.class_prompt) and (self.prior_loss_weight is None or self.prior_loss_weight > 0)
+        return self.method in PRIOR_METHODS and self.has_class_prompts and (self.prior_loss_weight is None or self.prior_loss_weight > 0)
+
+    @property
+    def has_class_prompts(self) -> bool:
+        return bool(self.class_prompt or self.extra_class_prompts)
 
     def sample_prompt_list(self) -> list[str]:
         prompts = list(self.sample_prompts) or [self.instance_prompt]
@@ -125,6 +134,7 @@ def validate_spec(spec: TrainingSpec) -> None:
         raise InvalidArgument("lora.text_prior_weight", "must be > 0")
     if spec.prior_loss_weight is not None and spec.prior_loss_weight < 0:
         raise InvalidArgument("dreambooth.prior_loss_weight", "must be >= 0")
+    _validate_class_prompts(spec)
     if spec.method == "dreambooth_lora" and not spec.instance_prompt:
         raise InvalidArgument("instance_prompt", "DreamBooth needs the prompt that binds the instance, e.g. 'a sks shape'")
     if spec.method in ("textual_inversion", "pivotal_tuning"):
@@ -140,13 +150,34 @@ def validate_spec(spec: TrainingSpec) -> None:
         raise InvalidArgument("masked_loss", "not supported by this method")
 
 
+def _validate_class_prompts(spec: TrainingSpec) -> None:
+    field = "dreambooth.extra_class_prompts"
+    if spec.extra_class_prompts and spec.method not in PRIOR_METHODS:
+        raise InvalidArgument(field, f"only {' and '.join(PRIOR_METHODS)} take class images")
+    if len(spec.extra_class_prompts) > MAX_CLASS_PROMPTS:
+        raise InvalidArgument(field, f"at most {MAX_CLASS_PROMPTS}, got {len(spec.extra_class_prompts)}")
+    for i, prompt in enumerate(spec.extra_class_prompts):
+        if not prompt.strip():
+            raise InvalidArgument(f"{field}[{i}]", "is empty")
+        if "[filewords]" in prompt:
+            raise InvalidArgument(f"{field}[{i}]", "[filewords] belongs in dreambooth.class_prompt")
+        if spec.token and spec.token in prompt.split():
+            raise InvalidArgument(f"{field}[{i}]", f"must not contain the instance token {spec.token!r}: the class prompts are what it must leave alone")
+    if spec.num_class_images > MAX_CLASS_IMAGES:
+        raise InvalidArgument("dreambooth.num_class_images", f"at most {MAX_CLASS_IMAGES}")
+    n_prompts = len(set(spec.extra_class_prompts)) + bool(spec.class_prompt)
+    if spec.num_class_images and spec.num_class_images < n_prompts:
+        raise InvalidArgument("dreambooth.num_class_images", f"{spec.num_class_images} is fewer than the {n_prompts} class prompts; each needs an image")
+
+
 def _prior_fields(spec: TrainingSpec, job_dir: Path) -> dict:
     """DreamBooth's class fields (dreambooth.DreamBoothConfig, pivotal_tuning.PivotalTuningConfig)."""
     return dict(
         class_prompt=spec.class_prompt,
+        extra_class_prompts=tuple(spec.extra_class_prompts),
         class_dir=str(job_dir / "class_images"),
-        num_class_images=spec.num_class_images or 50,
-        prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.class_prompt else 0.0,
+        num_class_images=spec.num_class_images,  # 0: the trainer's default (50, or one per class prompt)
+        prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.has_class_prompts else 0.0,
     )
 
 

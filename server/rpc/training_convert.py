@@ -58,6 +58,7 @@ def training_spec(request: pb.StartTrainingRequest) -> TrainingSpec:
         text_prior_prompts=tuple(lora.text_prior_prompts),
         text_prior_weight=_opt(lora, "text_prior_weight"),
         class_prompt=db.class_prompt,
+        extra_class_prompts=tuple(db.extra_class_prompts),
         num_class_images=db.num_class_images,
         prior_loss_weight=_opt(db, "prior_loss_weight"),
         token=ti.token,

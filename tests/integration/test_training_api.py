@@ -208,6 +208,59 @@ def test_bad_options_name_the_field(served, tmp_path):
         client.get_job("nope")
 
 
+def test_extra_class_prompts_get_their_own_class_images(served, tmp_path):
+    """dreambooth.extra_class_prompts: the server draws class images for each of them beside
+    class_prompt's, and each image keeps its prompt; the job trains and registers its adapter."""
+    _, client, data = served
+    write_shapes(data / "datasets" / "extra-stars", [("star", "red"), ("star", "blue")], ["a red sks shape", "a blue sks shape"])
+    job_id = client.start_training(
+        "dreambooth_lora", dataset="extra-stars", adapter_name="db-extra", instance_prompt="a sks shape", class_prompt="a shape",
+        extra_class_prompts=["a red circle on a white background", "a blue square"], num_class_images=3, num_steps=2,
+        batch_size=1, rank=1, seed=3,
+    )  # fmt: skip
+    final = list(client.watch_job(job_id, timeout=300))[-1]
+    assert isinstance(final, JobStatus) and final.state == "succeeded", final
+    class_dir = data / "training" / "jobs" / job_id / "class_images"
+    assert sorted(p.read_text() for p in class_dir.glob("class_[0-9]*.txt")) == ["a blue square", "a red circle on a white background", "a shape"]
+    assert "db-extra" in [a.name for a in client.list_adapters()]
+
+
+def test_cli_reads_extra_class_prompts_from_a_file_and_the_option(served, tmp_path, capsys):
+    from impasto.cli import main
+
+    server, client, data = served
+    write_shapes(data / "datasets" / "cli-extra", [("star", "red")], ["a red sks shape"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# what our users write\na red circle\n\na green cross\n", encoding="utf-8")
+    argv = ["train", "dreambooth_lora", "--target", server.target, "--dataset", "cli-extra", "--adapter-name", "cli-extra",
+            "--instance-prompt", "a sks shape", "--class-prompt-file", str(prompts), "--extra-class-prompt", "a blue square",
+            "--num-class-images", "3", "--steps", "1", "--batch-size", "1", "--rank", "1", "--detach"]  # fmt: skip
+    assert main(argv) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert list(client.watch_job(job_id, timeout=300))[-1].state == "succeeded"
+    class_dir = data / "training" / "jobs" / job_id / "class_images"
+    # No class_prompt: the extra prompts alone hold the prior, the option's first.
+    assert [p.read_text() for p in sorted(class_dir.glob("class_[0-9]*.txt"))] == ["a blue square", "a red circle", "a green cross"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(extra_class_prompts=["a red sks shape"]), r"dreambooth.extra_class_prompts\[0\]: must not contain the instance token 'sks'"),
+        (dict(extra_class_prompts=["a circle", " "]), r"dreambooth.extra_class_prompts\[1\]: is empty"),
+        (dict(extra_class_prompts=["[filewords]"]), r"dreambooth.extra_class_prompts\[0\]: \[filewords\] belongs in dreambooth.class_prompt"),
+        (dict(extra_class_prompts=["a circle", "a square"], num_class_images=2), "dreambooth.num_class_images: 2 is fewer than the 3 class prompts"),
+    ],
+)
+def test_extra_class_prompts_are_checked_by_field(served, options, message):
+    _, client, data = served
+    write_shapes(data / "datasets" / "extra-plain", [("star", "red")])
+    with pytest.raises(InvalidArgumentError, match=message):
+        client.start_training("dreambooth_lora", dataset="extra-plain", adapter_name="e1", instance_prompt="a sks shape", class_prompt="a shape", token="sks", **options)
+    with pytest.raises(InvalidArgumentError, match="dreambooth.extra_class_prompts: only dreambooth_lora and pivotal_tuning"):
+        client.start_training("lora", dataset="extra-plain", adapter_name="e2", instance_prompt="a shape", extra_class_prompts=["a circle"])
+
+
 def test_cli_train_with_upload_and_progress_bar(served, tmp_path, capsys):
     from impasto.cli import main
 

@@ -54,13 +54,11 @@ def test_file_slug_is_stable_and_safe():
     assert len(file_slug("word " * 40)) <= 48
 
 
-def test_train_reads_text_prior_prompts_from_flags_and_a_file(tmp_path):
-    import argparse
-
-    from impasto.training.cli import _text_prior_prompts
+def test_train_reads_prompts_from_flags_and_a_file(tmp_path):
+    """--text-prior-prompt / --text-prior-file and --extra-class-prompt / --class-prompt-file."""
+    from impasto.training.cli import _prompts
 
     listing = tmp_path / "prior.txt"
     listing.write_text("# the model's ordinary prompts\na red circle\n\n  a blue square on a white background  \n", encoding="utf-8")
-    args = argparse.Namespace(text_prior_prompt=["a shape"], text_prior_file=str(listing))
-    assert _text_prior_prompts(args) == ["a shape", "a red circle", "a blue square on a white background"]
-    assert _text_prior_prompts(argparse.Namespace(text_prior_prompt=None, text_prior_file=None)) == []
+    assert _prompts(["a shape"], str(listing)) == ["a shape", "a red circle", "a blue square on a white background"]
+    assert _prompts(None, None) == []

@@ -157,6 +157,45 @@ def test_dreambooth_filewords_class_prompts_follow_the_captions(tmp_path):
     assert sorted(tuner.class_captions) == sorted(plan)
 
 
+def test_dreambooth_extra_class_prompts_join_the_plan(tmp_path):
+    """extra_class_prompts follow class_prompt (or stand alone); the images are split evenly,
+    each trained with its own prompt; by default every prompt gets an image."""
+    base = {**lora_config().__dict__, "instance_prompt": "a sks shape"}
+    cfg = dreambooth.DreamBoothConfig(
+        **base, class_prompt="a shape", extra_class_prompts=("a red circle", "a  blue square", "a shape"),
+        class_dir=str(tmp_path / "class"), num_class_images=5,
+    )  # fmt: skip
+    assert dreambooth.class_prompts(cfg) == ["a shape", "a red circle", "a blue square"]  # spaces folded, repeats once
+    assert dreambooth.class_prompt_plan(cfg) == ["a shape"] * 2 + ["a red circle"] * 2 + ["a blue square"]
+    files = dreambooth.ensure_class_images(cfg, render_class_images)
+    tuner = dreambooth.build(cfg, load_components(tiny_model_dir()))
+    assert sorted(tuner.class_captions) == sorted(f.with_suffix(".txt").read_text() for f in files) == sorted(dreambooth.class_prompt_plan(cfg))
+    # Alone, and the default count: 50, or one image per prompt when there are more.
+    alone = dreambooth.DreamBoothConfig(**base, extra_class_prompts=tuple(f"a red circle {i}" for i in range(60)), class_dir="x")
+    alone.validate()
+    assert len(dreambooth.class_prompt_plan(alone)) == 60
+    assert len(dreambooth.class_prompt_plan(dreambooth.DreamBoothConfig(**base, class_prompt="a shape", class_dir="x"))) == 50
+
+
+@pytest.mark.parametrize(
+    "extra, count, message",
+    [
+        (("a red sks shape",), 0, "must not contain the instance token 'sks'"),
+        (("[filewords]",), 0, "plain prompts"),
+        (("",), 0, "plain prompts"),
+        (("a red circle", "a blue square"), 2, r"num_class_images \(2\) is below the number of class prompts \(3\)"),
+    ],
+)
+def test_dreambooth_extra_class_prompts_are_checked(tmp_path, extra, count, message):
+    cfg = dreambooth.DreamBoothConfig(
+        **{**lora_config().__dict__, "instance_prompt": "a sks shape"}, class_prompt="a shape", extra_class_prompts=extra,
+        class_dir=str(tmp_path), num_class_images=count,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+        dreambooth.class_prompt_plan(cfg)
+
+
 def test_dreambooth_filewords_needs_the_token():
     with pytest.raises(ValueError, match="instance token"):
         dreambooth.DreamBoothConfig(**{**lora_config().__dict__, "token": "", "instance_prompt": "a sks shape"}, class_prompt="[filewords]", class_dir="x").validate()
@@ -298,7 +337,7 @@ def test_unknown_lr_scheduler_is_refused_by_name():
 
 
 def test_pivotal_prior_needs_the_class_fields():
-    with pytest.raises(ValueError, match="class_prompt and class_dir"):
+    with pytest.raises(ValueError, match=r"class_prompt \(or extra_class_prompts\) and class_dir"):
         pivotal_tuning.PivotalTuningConfig(**{**lora_config().__dict__, "token": "<sks>"}, initializer_token="star", prior_loss_weight=1.0).validate()
 
 

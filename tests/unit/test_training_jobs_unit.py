@@ -48,6 +48,8 @@ def test_upload_file_paths(path):
         (TrainingSpec("lora", "d", "a", unet_lr=2.0), "unet_lr"),
         (TrainingSpec("pivotal_tuning", "d", "a", token="<t>", initializer_token="x", num_steps=10, embedding_steps=10), "embedding_steps"),
         (TrainingSpec("lora", "d", "a", train_lora_with_embedding=True), "textual_inversion.train_lora_with_embedding"),
+        (TrainingSpec("dreambooth_lora", "d", "a", instance_prompt="a sks shape", extra_class_prompts=("x",) * 1025), "dreambooth.extra_class_prompts: at most 1024"),
+        (TrainingSpec("dreambooth_lora", "d", "a", instance_prompt="a sks shape", num_class_images=10_001), "dreambooth.num_class_images: at most"),
     ],
 )
 def test_spec_errors_name_the_field(spec, field):
@@ -56,7 +58,8 @@ def test_spec_errors_name_the_field(spec, field):
 
 
 def test_records_round_trip_through_json():
-    job = JobRecord("j1", TrainingSpec("lora", "d", "a", sample_prompts=("x",), alpha=2.0), state=JobState.RUNNING, outputs={"kohya": "a.safetensors"})
+    spec = TrainingSpec("dreambooth_lora", "d", "a", sample_prompts=("x",), alpha=2.0, extra_class_prompts=("a red circle",), text_prior_prompts=("y",))
+    job = JobRecord("j1", spec, state=JobState.RUNNING, outputs={"kohya": "a.safetensors"})
     assert JobRecord.from_json(job.to_json()) == job
 
 

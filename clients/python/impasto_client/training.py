@@ -149,6 +149,7 @@ def start_request(
     unet_lr: float | None = None,
     text_encoder_lr: float | None = None,
     class_prompt: str = "",
+    extra_class_prompts: list[str] | None = None,
     num_class_images: int = 0,
     prior_loss_weight: float | None = None,
     token: str = "",
@@ -172,7 +173,7 @@ def start_request(
             rank=rank, train_text_encoder=train_text_encoder, conv=conv, text_encoder_only=text_encoder_only,
             text_prior_prompts=text_prior_prompts or [],
         ),
-        dreambooth=pb.DreamBoothOptions(class_prompt=class_prompt, num_class_images=num_class_images),
+        dreambooth=pb.DreamBoothOptions(class_prompt=class_prompt, num_class_images=num_class_images, extra_class_prompts=extra_class_prompts or []),
         textual_inversion=pb.TextualInversionOptions(
             token=token, initializer_token=initializer_token, num_vectors=num_vectors, embedding_steps=embedding_steps,
             train_lora_with_embedding=train_lora_with_embedding,
