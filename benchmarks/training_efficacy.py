@@ -191,9 +191,10 @@ def concept_rates(parts, prompt_tpl: str, judged_tpl: str, seeds, embeddings=Non
 def class_image_generator(model: str):
     base = load_components(model)
 
-    def make(prompt: str, n: int, seed: int) -> list[np.ndarray]:
+    def make(items: list[tuple[str, int]]) -> list[np.ndarray]:
         s = DEFAULT_SETTINGS
-        images = sample_images(base, [prompt] * n, seed, s.num_inference_steps, s.guidance_scale)
+        prompts, seeds = [p for p, _ in items], [seed for _, seed in items]
+        images = sample_images(base, prompts, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, seeds=seeds)
         return [np.asarray(im.convert("RGB")) for im in images]
 
     return make

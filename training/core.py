@@ -551,8 +551,12 @@ class FineTuner:
                 module.train()
 
 
-def sample_images(parts: BaseComponents, prompts, seed=0, num_inference_steps=20, guidance_scale=7.5, embeddings: TokenEmbeddings | None = None, sampler: str = "euler_a"):
-    """A diffusers pipeline over the training copy's modules (no weights copied)."""
+def sample_images(
+    parts: BaseComponents, prompts, seed=0, num_inference_steps=20, guidance_scale=7.5, embeddings: TokenEmbeddings | None = None,
+    sampler: str = "euler_a", seeds: list[int] | None = None,
+):
+    """A diffusers pipeline over the training copy's modules (no weights copied). Image i has
+    seed `seeds[i]`, or seed + i."""
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -568,7 +572,9 @@ def sample_images(parts: BaseComponents, prompts, seed=0, num_inference_steps=20
     pipe.set_progress_bar_config(disable=True)
     if embeddings is not None:
         prompts = [embeddings.expand(p) for p in prompts]
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    generators = [torch.Generator().manual_seed(s) for s in (seeds if seeds is not None else range(seed, seed + len(prompts)))]
     return pipe(
         list(prompts),
         height=parts.resolution,

@@ -46,8 +46,9 @@ from .data import IMAGE_SUFFIXES, Example, centre_crop_resize, dataset_captions,
 from .lora_trainer import LoraTrainConfig, add_lora, optim_config
 from .text_prior import text_prior_of
 
-# prompt, number of images, first seed -> uint8 (H, W, 3) arrays
-ClassImageGenerator = Callable[[str, int, int], list[np.ndarray]]
+# [(prompt, seed)] of the images to draw, several prompts at once -> uint8 (H, W, 3) arrays in
+# that order. Image i of the plan always has seed class_seed + i, however the calls are cut.
+ClassImageGenerator = Callable[[list[tuple[str, int]]], list[np.ndarray]]
 
 
 @dataclass
@@ -123,11 +124,13 @@ def ensure_class_images(cfg: DreamBoothConfig, generate: ClassImageGenerator, ba
     (folder / "class_prompts.txt").write_text("\n".join(class_prompts(cfg)) + "\n", encoding="utf-8")  # a record for people
     have = len(class_image_files(folder))
     while have < len(plan):
-        prompt = plan[have]
-        n = 1
-        while n < batch and have + n < len(plan) and plan[have + n] == prompt:
-            n += 1
-        for i, pixels in enumerate(generate(prompt, n, cfg.class_seed + have)):
+        # A call may mix prompts: with [filewords] or extra_class_prompts each prompt has one or
+        # two images, and a server that gets them all at once batches their steps together.
+        chunk = [(plan[i], cfg.class_seed + i) for i in range(have, min(have + batch, len(plan)))]
+        images = generate(chunk)
+        if len(images) != len(chunk):
+            raise RuntimeError(f"the class-image generator returned {len(images)} images for {len(chunk)} prompts")
+        for i, ((prompt, _), pixels) in enumerate(zip(chunk, images)):
             stem = f"class_{have + i:05d}"
             # The caption first: an image is only counted once its .png exists, so a crash
             # between the two leaves a caption that the next run rewrites.
@@ -137,7 +140,7 @@ def ensure_class_images(cfg: DreamBoothConfig, generate: ClassImageGenerator, ba
             tmp = folder / f".{stem}.png.tmp"
             Image.fromarray(pixels).save(tmp, format="PNG")
             tmp.replace(folder / f"{stem}.png")
-        have += n
+        have += len(chunk)
     return class_image_files(folder)[: len(plan)]
 
 

@@ -367,7 +367,7 @@ class TrainingJobs:
             model_dir=entry.path,
             dataset_dir=dataset,
             job_dir=folder,
-            class_images=lambda prompt, n, seed: self._class_images(job, prompt, n, seed),
+            class_images=lambda items: self._class_images(job, items),
         )
         for name, reason in getattr(tuner, "skipped", []):
             log.warning("training job %s: skipped %s: %s", job.job_id, name, reason)
@@ -429,8 +429,12 @@ class TrainingJobs:
             image.save(buffer, format="PNG")
             self._emit(job, JobSample(job.step, prompt, buffer.getvalue(), job.seed))
 
-    def _class_images(self, job: JobRecord, prompt: str, n: int, seed: int) -> list:
-        """n images of the class prompt from this server's own step loop, at training priority."""
+    def _class_images(self, job: JobRecord, items: list[tuple[str, int]]) -> list:
+        """Class images [(prompt, seed)] from this server's own step loop, at training priority.
+        All are submitted at once, as requests of their own (runs of one prompt with
+        consecutive seeds share one, image k getting seed + k): the scheduler batches their
+        steps, where one prompt at a time ran [filewords]' and extra class prompts' one or
+        two images a batch."""
         import numpy as np
         from PIL import Image
 
@@ -438,15 +442,24 @@ class TrainingJobs:
 
         self._check(job)
         limit = self.engine.config.limits.max_images_per_request
+        runs: list[tuple[str, int, int]] = []  # prompt, first seed, images
+        for prompt, seed in items:
+            if runs and runs[-1][0] == prompt and runs[-1][1] + runs[-1][2] == seed and runs[-1][2] < limit:
+                runs[-1] = (prompt, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((prompt, seed, 1))
+
+        async def one(prompt: str, seed: int, n: int) -> list:
+            spec = GenerationSpec(prompt=prompt, model=job.model, seed=seed, num_images=n, priority=Priority.TRAINING)
+            out = []
+            async for event in self.engine.generate(spec):
+                if isinstance(event, ImageReady):
+                    out.append((event.index, np.asarray(Image.open(io.BytesIO(event.data)).convert("RGB"))))
+            return [pixels for _, pixels in sorted(out, key=lambda pair: pair[0])]
 
         async def collect():
-            out = []
-            for start in range(0, n, limit):
-                spec = GenerationSpec(prompt=prompt, model=job.model, seed=seed + start, num_images=min(limit, n - start), priority=Priority.TRAINING)
-                async for event in self.engine.generate(spec):
-                    if isinstance(event, ImageReady):
-                        out.append(np.asarray(Image.open(io.BytesIO(event.data)).convert("RGB")))
-            return out
+            results = await asyncio.gather(*(one(*run) for run in runs))
+            return [pixels for images in results for pixels in images]
 
         return asyncio.run_coroutine_threadsafe(collect(), self._loop).result()
 

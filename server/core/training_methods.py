@@ -223,7 +223,7 @@ def build_trainer(
     model_dir: Path,
     dataset_dir: Path,
     job_dir: Path,
-    class_images: Callable[[str, int, int], list] | None = None,
+    class_images: Callable[[list[tuple[str, int]]], list] | None = None,  # dreambooth.ClassImageGenerator
     parts=None,
 ):
     """The FineTuner for a spec. DreamBooth's class images are made first (only the missing ones)."""

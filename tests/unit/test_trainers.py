@@ -109,9 +109,8 @@ def test_locon_and_text_encoder_targets_with_their_own_learning_rates():
     assert [g["lr"] for g in tuner.optimizer.param_groups] == [1e-2, 3e-3]
 
 
-def render_class_images(prompt: str, n: int, seed: int) -> list[np.ndarray]:
-    rng = random.Random(seed)
-    return [render(Scene(rng.choice(["circle", "square"]), "red", "white", 32, 32, 16)) for _ in range(n)]
+def render_class_images(items: list[tuple[str, int]]) -> list[np.ndarray]:
+    return [render(Scene(random.Random(seed).choice(["circle", "square"]), "red", "white", 32, 32, 16)) for _, seed in items]
 
 
 def test_dreambooth_uses_class_images_and_prior_weight(tmp_path):
@@ -143,18 +142,22 @@ def test_dreambooth_filewords_class_prompts_follow_the_captions(tmp_path):
     assert plan == ["a photo of a red shape"] * 2 + ["a photo of a blue shape"] * 2 + ["a photo of a green shape", "a photo of a yellow shape"]
     calls = []
 
-    def generator(prompt, n, seed):
-        calls.append((prompt, n, seed))
-        return render_class_images(prompt, n, seed)
+    def generator(items):
+        calls.append(list(items))
+        return render_class_images(items)
 
-    files = dreambooth.ensure_class_images(cfg, generator, batch=8)
-    assert [c[1:] for c in calls] == [(2, 10_000), (2, 10_002), (1, 10_004), (1, 10_005)]
+    # Calls of up to `batch` images mix prompts (a server batches them); image i has seed 10_000 + i.
+    files = dreambooth.ensure_class_images(cfg, generator, batch=4)
+    assert calls == [list(zip(plan[:4], range(10_000, 10_004))), list(zip(plan[4:], range(10_004, 10_006)))]
     assert [f.with_suffix(".txt").read_text() for f in files] == plan
     files[-1].unlink()  # as if the run had died before the last image
     calls.clear()
-    assert dreambooth.ensure_class_images(cfg, generator) == files and calls == [("a photo of a yellow shape", 1, 10_005)]
+    assert dreambooth.ensure_class_images(cfg, generator) == files and calls == [[("a photo of a yellow shape", 10_005)]]
     tuner = dreambooth.build(cfg, load_components(tiny_model_dir()))
     assert sorted(tuner.class_captions) == sorted(plan)
+    files[-1].unlink()
+    with pytest.raises(RuntimeError, match="returned 0 images for 1 prompts"):
+        dreambooth.ensure_class_images(cfg, lambda items: [])
 
 
 def test_dreambooth_extra_class_prompts_join_the_plan(tmp_path):
