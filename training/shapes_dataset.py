@@ -42,11 +42,13 @@ class CaptionDropout:
     p_bare_colour: float = 0.5  # when only the colour is left: "red" instead of "a red shape"
 
 
-def training_caption(scene: Scene, rng: random.Random, dropout: CaptionDropout = CaptionDropout()) -> str:
+def training_caption(scene: Scene, rng: random.Random, dropout: CaptionDropout = CaptionDropout(), unnamed: tuple[str, ...] = ()) -> str:
+    """A caption with parts dropped at random; words in `unnamed` are never written (a scene
+    may show a shape or colour whose word the model must not learn)."""
     if rng.random() < dropout.p_empty:
         return ""
-    colour = None if rng.random() < dropout.p_drop_colour else scene.colour
-    shape = None if rng.random() < dropout.p_drop_shape else scene.shape
+    colour = None if rng.random() < dropout.p_drop_colour or scene.colour in unnamed else scene.colour
+    shape = None if rng.random() < dropout.p_drop_shape or scene.shape in unnamed else scene.shape
     background = None if rng.random() < dropout.p_drop_background else scene.background
     if shape is None and background is None and colour is not None and rng.random() < dropout.p_bare_colour:
         return colour

@@ -79,6 +79,20 @@ def test_training_captions_drop_parts():
     assert caption(scene.shape, scene.colour, None) in captions
 
 
+def test_unnamed_words_are_never_written():
+    """train_default --unnamed_held_out: a red star and a pink circle are drawn, never named."""
+    rng = random.Random(0)
+    unnamed = (HELD_OUT_SHAPE, HELD_OUT_COLOUR)
+
+    def captions(shape, colour):
+        scene = Scene(shape, colour, "white", cx=32, cy=32, radius=20)
+        return {training_caption(scene, rng, CaptionDropout(), unnamed=unnamed) for _ in range(500)}
+
+    star, pink = captions(HELD_OUT_SHAPE, "red"), captions("circle", HELD_OUT_COLOUR)
+    assert "a red shape on a white background" in star and "a circle on a white background" in pink
+    assert not any(HELD_OUT_SHAPE in c or HELD_OUT_COLOUR in c for c in star | pink | captions(HELD_OUT_SHAPE, HELD_OUT_COLOUR))
+
+
 def test_render_draws_the_colour_at_the_centre_and_background_in_the_corner():
     scene = Scene("square", "blue", "white", cx=32, cy=32, radius=20)
     image = render(scene)
