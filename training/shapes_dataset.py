@@ -15,7 +15,11 @@ import numpy as np
 import torch
 
 from impasto.models.shapes import (
+    BACKGROUNDS,
     COLOURS,
+    IMAGE_SIZE,
+    MAX_RADIUS,
+    MIN_RADIUS,
     SEEN_COLOURS,
     SEEN_SHAPES,
     SHAPES,
@@ -65,6 +69,39 @@ def sample_scenes(
     """`num` scenes, a pure function of the seed. Defaults exclude the held-out shape and colour."""
     rng = random.Random(seed)
     return [sample_scene(rng, shapes, colours, jitter) for _ in range(num)]
+
+
+def sample_blend_scenes(num: int, seed: int, avoid: tuple[int, int, int], min_distance: float = 70.0) -> list[tuple[Scene, str]]:
+    """`num` scenes of seen shapes filled with colours between the seen ones, each with the
+    words for its colour: two seen colours ("red purple", the first weighing more), or one
+    lightened or darkened ("light red", "dark blue"). Fills within `min_distance` (RGB) of
+    `avoid` are skipped: the colour held out stays unseen. A scene's colour is its first word's
+    and its jitter carries the rest of the way to the blend, so `render` draws it unchanged."""
+    rng = random.Random(seed)
+    out: list[tuple[Scene, str]] = []
+    while len(out) < num:
+        kind = rng.random()
+        name = rng.choice(SEEN_COLOURS)
+        base = np.array(COLOURS[name], dtype=float)
+        if kind < 0.5:
+            other = rng.choice([c for c in SEEN_COLOURS if c != name])
+            t = rng.uniform(0.3, 0.5)
+            rgb, words = (1 - t) * base + t * np.array(COLOURS[other]), f"{name} {other}"
+        elif kind < 0.75:
+            t = rng.uniform(0.3, 0.6)
+            rgb, words = (1 - t) * base + t * 255.0, f"light {name}"
+        else:
+            t = rng.uniform(0.3, 0.6)
+            rgb, words = (1 - t) * base, f"dark {name}"
+        if np.linalg.norm(rgb - np.array(avoid)) < min_distance:
+            continue
+        radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
+        lo, hi = radius + 2, IMAGE_SIZE - radius - 2
+        shape, background = rng.choice(SEEN_SHAPES), rng.choice(tuple(BACKGROUNDS))
+        cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        jitter = tuple(int(round(x)) for x in rgb - base)
+        out.append((Scene(shape, name, background, cx, cy, radius, jitter), words))
+    return out
 
 
 def render_scenes(scenes: list[Scene]) -> np.ndarray:

@@ -24,6 +24,7 @@ from impasto.models.shapes import (
 from impasto.training.shapes_dataset import (
     CaptionDropout,
     render_scenes,
+    sample_blend_scenes,
     sample_scenes,
     training_caption,
 )
@@ -91,6 +92,23 @@ def test_unnamed_words_are_never_written():
     star, pink = captions(HELD_OUT_SHAPE, "red"), captions("circle", HELD_OUT_COLOUR)
     assert "a red shape on a white background" in star and "a circle on a white background" in pink
     assert not any(HELD_OUT_SHAPE in c or HELD_OUT_COLOUR in c for c in star | pink | captions(HELD_OUT_SHAPE, HELD_OUT_COLOUR))
+
+
+def test_blend_scenes_name_their_colours_and_keep_away_from_the_held_out_one():
+    """train_default --colour_blends: fills between the seen colours, named by their parts."""
+    pink = np.array(COLOURS[HELD_OUT_COLOUR])
+    blends = sample_blend_scenes(400, seed=3, avoid=COLOURS[HELD_OUT_COLOUR])
+    assert blends == sample_blend_scenes(400, seed=3, avoid=COLOURS[HELD_OUT_COLOUR])  # a pure function of the seed
+    kinds = set()
+    for scene, words in blends:
+        first, second = words.split()
+        assert scene.shape in SEEN_SHAPES and scene.colour in SEEN_COLOURS
+        assert (first in ("light", "dark") and second == scene.colour) or (first == scene.colour and second in SEEN_COLOURS and second != first)
+        kinds.add(first if first in ("light", "dark") else "pair")
+        fill = np.clip(np.array(COLOURS[scene.colour]) + scene.colour_jitter, 0, 255)
+        assert np.linalg.norm(fill - pink) >= 70 - 1  # rounding
+        assert np.array_equal(render(scene)[int(scene.cy), int(scene.cx)], fill.astype(np.uint8))
+    assert kinds == {"light", "dark", "pair"}
 
 
 def test_render_draws_the_colour_at_the_centre_and_background_in_the_corner():
