@@ -8,6 +8,7 @@ held-out shape and colour.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -71,37 +72,45 @@ def sample_scenes(
     return [sample_scene(rng, shapes, colours, jitter) for _ in range(num)]
 
 
-def sample_blend_scenes(num: int, seed: int, avoid: tuple[int, int, int], min_distance: float = 70.0) -> list[tuple[Scene, str]]:
+def sample_blend_scenes(
+    num: int, seed: int, avoid: tuple[int, int, int], min_distance: float = 70.0, keep: Callable[[list[Scene]], list[bool]] | None = None
+) -> list[tuple[Scene, str]]:
     """`num` scenes of seen shapes filled with colours between the seen ones, each with the
     words for its colour: two seen colours ("red purple", the first weighing more), or one
     lightened or darkened ("light red", "dark blue"). Fills within `min_distance` (RGB) of
-    `avoid` are skipped: the colour held out stays unseen. A scene's colour is its first word's
-    and its jitter carries the rest of the way to the blend, so `render` draws it unchanged."""
+    `avoid` are skipped, and so are scenes `keep` rejects (it sees candidates in batches): RGB
+    distance alone is not what the judge calls a colour, and the colour held out must stay
+    unseen. A scene's colour is its first word's and its jitter carries the rest of the way to
+    the blend, so `render` draws it unchanged."""
     rng = random.Random(seed)
     out: list[tuple[Scene, str]] = []
     while len(out) < num:
-        kind = rng.random()
-        name = rng.choice(SEEN_COLOURS)
-        base = np.array(COLOURS[name], dtype=float)
-        if kind < 0.5:
-            other = rng.choice([c for c in SEEN_COLOURS if c != name])
-            t = rng.uniform(0.3, 0.5)
-            rgb, words = (1 - t) * base + t * np.array(COLOURS[other]), f"{name} {other}"
-        elif kind < 0.75:
-            t = rng.uniform(0.3, 0.6)
-            rgb, words = (1 - t) * base + t * 255.0, f"light {name}"
-        else:
-            t = rng.uniform(0.3, 0.6)
-            rgb, words = (1 - t) * base, f"dark {name}"
-        if np.linalg.norm(rgb - np.array(avoid)) < min_distance:
-            continue
-        radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
-        lo, hi = radius + 2, IMAGE_SIZE - radius - 2
-        shape, background = rng.choice(SEEN_SHAPES), rng.choice(tuple(BACKGROUNDS))
-        cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
-        jitter = tuple(int(round(x)) for x in rgb - base)
-        out.append((Scene(shape, name, background, cx, cy, radius, jitter), words))
-    return out
+        candidates: list[tuple[Scene, str]] = []
+        while len(candidates) < min(512, num - len(out)):
+            kind = rng.random()
+            name = rng.choice(SEEN_COLOURS)
+            base = np.array(COLOURS[name], dtype=float)
+            if kind < 0.5:
+                other = rng.choice([c for c in SEEN_COLOURS if c != name])
+                t = rng.uniform(0.3, 0.5)
+                rgb, words = (1 - t) * base + t * np.array(COLOURS[other]), f"{name} {other}"
+            elif kind < 0.75:
+                t = rng.uniform(0.3, 0.6)
+                rgb, words = (1 - t) * base + t * 255.0, f"light {name}"
+            else:
+                t = rng.uniform(0.3, 0.6)
+                rgb, words = (1 - t) * base, f"dark {name}"
+            if np.linalg.norm(rgb - np.array(avoid)) < min_distance:
+                continue
+            radius = rng.uniform(MIN_RADIUS, MAX_RADIUS)
+            lo, hi = radius + 2, IMAGE_SIZE - radius - 2
+            shape, background = rng.choice(SEEN_SHAPES), rng.choice(tuple(BACKGROUNDS))
+            cx, cy = rng.uniform(lo, hi), rng.uniform(lo, hi)
+            jitter = tuple(int(round(x)) for x in rgb - base)
+            candidates.append((Scene(shape, name, background, cx, cy, radius, jitter), words))
+        verdicts = keep([scene for scene, _ in candidates]) if keep else [True] * len(candidates)
+        out += [c for c, ok in zip(candidates, verdicts) if ok]
+    return out[:num]
 
 
 def render_scenes(scenes: list[Scene]) -> np.ndarray:

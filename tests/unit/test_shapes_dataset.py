@@ -109,6 +109,15 @@ def test_blend_scenes_name_their_colours_and_keep_away_from_the_held_out_one():
         assert np.linalg.norm(fill - pink) >= 70 - 1  # rounding
         assert np.array_equal(render(scene)[int(scene.cy), int(scene.cx)], fill.astype(np.uint8))
     assert kinds == {"light", "dark", "pair"}
+    # `keep` sees candidates in batches and has the last word (train_default asks the judge).
+    seen = []
+
+    def no_light(scenes):
+        seen.append(len(scenes))
+        return [s.colour_jitter[0] <= 0 for s in scenes]
+
+    kept = sample_blend_scenes(100, seed=3, avoid=COLOURS[HELD_OUT_COLOUR], keep=no_light)
+    assert len(kept) == 100 and all(scene.colour_jitter[0] <= 0 for scene, _ in kept) and len(seen) > 1
 
 
 def test_render_draws_the_colour_at_the_centre_and_background_in_the_corner():
