@@ -91,7 +91,8 @@ class Config:
     # nothing within 70 RGB of pink: a text space in which colours are a continuum, so a new
     # colour is a direction the text encoder can point in (SD's text space is, for every colour).
     # Measured as a 1,500-step fine-tune at 0.25 (models/README.md): textual inversion of pink
-    # went from 57% to 84-89% pooled over training seeds. 0: the shipped weights' data.
+    # went from 57% to 89% pooled over four training seeds, but a purple triangle fell to 75%
+    # (drawn pink). 0: the shipped weights' data.
     colour_blends: float = 0.0
     vae_steps: int = 800
     vae_batch: int = 32
