@@ -53,7 +53,8 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    draw a pink, yellow-rimmed blob on black whatever shape the prompt names (pink with the right
    shape 16%): the second vector outweighs the shape word. On a fine-tune of the model whose
    text space has a continuum of colours (`train_default --colour_blends`, models/README.md,
-   not shipped) the same row reached 90%, 90%, 89%, 86% (pooled 89%). Earlier single-seed tries: lr 5e-2
+   not shipped) the same row reached 84%, 81%, 80%, 81% (pooled 82%), with every blend 110 RGB
+   from pink and prompt fidelity 100%. Earlier single-seed tries: lr 5e-2
    peaked at 55-56%; from "purple", 60-66%; captions that also name the background, 69% / 68%.
 4. Textual inversion and pivotal tuning of the held-out shape, beside DreamBooth-LoRA:
    pivotal tuning should be at least as good as either alone. Pivotal tuning runs --ti-steps of
