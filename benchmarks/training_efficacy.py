@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--num-class-images", type=int, default=40)
     parser.add_argument(
         "--extra-class-prompts", choices=["none", "captions"], default="none",
-        help="prior preservation: 'captions' adds the model's 90 full captions as class prompts (2 class images each)",
+        help="prior preservation: 'captions' adds the model's 90 full captions as class prompts; class images rise to 180 (1-2 per prompt)",
     )  # fmt: skip
     parser.add_argument("--class-prompt", default="a shape", help="'[filewords]': each instance caption without the token ('a red shape')")
     parser.add_argument("--eval-every", type=int, default=100)

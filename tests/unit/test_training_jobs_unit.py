@@ -57,6 +57,15 @@ def test_spec_errors_name_the_field(spec, field):
         validate_spec(spec)
 
 
+def test_class_prompts_are_counted_as_the_trainer_counts_them():
+    """A repeat of the class prompt (spaces aside) is one prompt, as in dreambooth.class_prompts:
+    two images cover "a shape" and "a circle", so the spec passes; one does not."""
+    spec = dict(instance_prompt="a sks shape", class_prompt="a shape", extra_class_prompts=("a  shape", "a circle"))
+    validate_spec(TrainingSpec("dreambooth_lora", "d", "a", num_class_images=2, **spec))
+    with pytest.raises(InvalidArgument, match="1 is fewer than the 2 class prompts"):
+        validate_spec(TrainingSpec("dreambooth_lora", "d", "a", num_class_images=1, **spec))
+
+
 def test_records_round_trip_through_json():
     spec = TrainingSpec("dreambooth_lora", "d", "a", sample_prompts=("x",), alpha=2.0, extra_class_prompts=("a red circle",), text_prior_prompts=("y",))
     job = JobRecord("j1", spec, state=JobState.RUNNING, outputs={"kohya": "a.safetensors"})
