@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL_NAME = "impasto-shapes-v1"
+DEFAULT_MODEL_NAME = "impasto-shapes-v2"
 
 
 @dataclass(frozen=True)
