@@ -2,9 +2,10 @@
 
 Read top to bottom: config, data, VAE, latents, UNet + text encoder, save. About 80 minutes
 on an idle 2-core CPU with --threads 2. The trained weights are committed in models/default/;
-users never rerun this. The shipped weights came from four resumed runs (models/README.md) that
-add up to these defaults' 8,000 UNet steps; one run from scratch with these defaults has not
-been made.
+users never rerun this. v1 came from four resumed runs (models/README.md) that add up to these
+defaults' 8,000 UNet steps; one run from scratch with these defaults has not been made. v2, the
+shipped weights, is v1 fine-tuned with `--colour_blends 0.25` (models/README.md gives the
+commands).
 
     python -m impasto.models.train_default                  # writes models/default/
     python -m impasto.models.train_default --out /tmp/x --unet_steps 100   # a smoke run
@@ -73,7 +74,7 @@ class Config:
     # (held-out shape and colour excluded), and so cannot encode pink (round trip 19 dB, judged
     # pink 5%). With this on, the VAE trains on every shape and colour (pink then round-trips at
     # 31 dB, judged 100%; measured 2026-11-27), while the UNet and text encoder still never see
-    # the held-out ones. The shipped weights were made with it off: a model made with it on
+    # the held-out ones. v1 and v2 were made with it off: a model made with it on
     # (~8,500 UNet steps) followed prompts less well (93% against 97.5%) and textual inversion of
     # pink on it drew yellow (0-5% pink), because the UNet still cannot make pink's latent
     # (models/README.md).
@@ -82,17 +83,16 @@ class Config:
     # without its word ("a red shape", "a circle"): the vocabulary holds them out, the pictures do
     # not. That is the situation textual inversion and DreamBooth are made for in SD (its UNet has
     # drawn every colour; a new word names one), where a model that never drew pink or a star
-    # leaves them to learn a drawing, not a word. 0: the shipped weights' data. Tried as a
+    # leaves them to learn a drawing, not a word. 0: v1's and v2's data. Tried as a
     # 1,500-step fine-tune at 0.15 (models/README.md): pink became reachable ("a circle" drew it
     # 10 times in 32) but textual inversion of pink fell to 6-14%, and no star was drawn unnamed.
     unnamed_held_out: float = 0.0
     # Extra scenes (this fraction of num_images) of seen shapes in colours between the seen ones,
     # named by their parts ("a red purple circle", "a light red square", "a dark blue cross"),
-    # nothing within 70 RGB of pink: a text space in which colours are a continuum, so a new
-    # colour is a direction the text encoder can point in (SD's text space is, for every colour).
-    # Measured as a 1,500-step fine-tune at 0.25 (models/README.md): textual inversion of pink
-    # went from 57% to 80-84% over training seeds with prompt fidelity 100%. 0: the shipped
-    # weights' data.
+    # none the judge calls pink: a text space in which colours are a continuum, so a new colour
+    # is a direction the text encoder can point in (SD's text space is, for every colour). v2,
+    # the shipped weights, is v1 fine-tuned 1,500 steps at 0.25 (models/README.md): textual
+    # inversion of pink went from 57% to 80-84% over training seeds, prompt fidelity 100%.
     colour_blends: float = 0.0
     # How far (RGB) every blend keeps from pink, beside the judge's filter: at 70 a purple
     # triangle came out pink 2 times in 8 (blends named "purple ..." lay next to pink); at 110
@@ -108,7 +108,7 @@ class Config:
     vae_kl_weight: float = 1e-6  # SD's KL weight: a nearly deterministic autoencoder
     vae_bf16: bool = True  # avx512_bf16 CPUs run the VAE's convs ~2x faster; harmless elsewhere
     # UNet + text encoder
-    # The shipped weights needed ~8,000 (models/README.md); at 3,000 the model draws colours but
+    # v1 needed ~8,000 from scratch (models/README.md); at 3,000 the model draws colours but
     # few shapes. ~0.53 s a step with threads=2 on an idle 2-core CPU: about 70 minutes.
     unet_steps: int = 8_000
     unet_batch: int = 64  # this small UNet is overhead-bound on a CPU: 64 costs ~1.5x of 32

@@ -16,18 +16,18 @@ shape" give the class prompts "a red shape" and "a blue shape", and the class im
 evenly between them. Why it matters: with one plain class prompt ("a shape") and captions
 that name colours, the prior never sees a colour word, so nothing stops the LoRA from learning
 "a colour word -> the instance" as well as "the token -> the instance"; measured on the
-embedded shapes model, the base classes ("a red circle") fell from 95% to 10% that way, with
-the prior on (benchmarks/training_efficacy.py).
+embedded shapes model (v1), the base classes ("a red circle") fell from 95% to 10% that way,
+with the prior on (benchmarks/training_efficacy.py).
 
 `extra_class_prompts` adds class prompts of their own (kohya's regularisation set, each image
 with its own caption): the prompts the model must go on drawing as before, typically what its
 users write. The class images are split evenly over all the class prompts. Why: a prior holds
 the prompts it trains on and little beside them. On the embedded shapes model (rank 8 LoCon,
 400 steps, training seeds 0-2), class images for "a shape" alone kept that prompt but left
-"a red triangle" and the other named shapes drawn right 32-48% of the time (96% before), the
-star at 78-97%; with the model's own 90 captions ("a red circle on a white background", ...)
-as extra class prompts the named shapes stayed at 81-91%, but the star reached only 3-34%
-(benchmarks/training_efficacy.py, `--extra-class-prompts captions`, 2026-11-27): a trade, on
+"a red triangle" and the other named shapes drawn right 19-26% of the time (100% before), the
+star at 94-100%; with the model's own 90 captions ("a red circle on a white background", ...)
+as extra class prompts the named shapes stayed at 86-94%, but the star reached only 3-25%
+(benchmarks/training_efficacy.py, `--extra-class-prompts captions`, 2026-11-28): a trade, on
 a UNet this small, not a free gain.
 """
 

@@ -7,10 +7,10 @@ held fixed, saved as one adapter holding both the LoRA modules and the token's v
 `train_lora_with_embedding` runs diffusers' advanced DreamBooth-LoRA script's order instead
 (its --train_text_encoder_ti, whose fraction of the run is our embedding_steps): the LoRA trains
 from the first step, beside the token rows, and goes on alone once they are frozen. On the
-embedded shapes model, with prior preservation, that drew 78% star with the base classes at
-78% (96% before) after 200 steps, and 94% with them at 59% after 400 (55 s); the sequential
-order peaked at 75% (400 + 200 steps, base classes 78%), and DreamBooth-LoRA reached 97% in
-400 steps with them at 48% (benchmarks/training_efficacy.py, 2026-11-27, judged stars that are
+embedded shapes model (impasto-shapes-v2), with prior preservation, that drew 97-100% star over
+three training seeds after 400 steps (52 s) with the base classes at 52-56% (100% before); the
+sequential order drew 75-91% (400 + 400 steps, base classes 50-56%), and DreamBooth-LoRA
+94-100% with them at 19-26% (benchmarks/training_efficacy.py, 2026-11-28, judged stars that are
 well formed).
 
 Finding the token first gives the LoRA a "pivot" in the text space that already points at
@@ -19,12 +19,11 @@ the concept, so the LoRA needs to move the UNet less (and forgets less).
 Prior preservation is optional, as in diffusers' advanced DreamBooth-LoRA script (its
 --train_text_encoder_ti with --with_prior_preservation): the same class fields as DreamBooth
 (class images made by `dreambooth.ensure_class_images`), used in every phase the LoRA trains in.
-It drifts less than DreamBooth-LoRA, but still drifts (the figures above, rank 8, LoCon; two
-runs of the sequential order left the base classes at 61% and 72%): the 1M-parameter UNet has
-little to spare. With `unet_lora=False` and `train_text_encoder` the LoRA goes on the text
+It drifts less than DreamBooth-LoRA, but still drifts (the figures above, rank 8, LoCon): the
+1M-parameter UNet has little to spare. With `unet_lora=False` and `train_text_encoder` the LoRA goes on the text
 encoder only, and `text_prior_prompts` (text_prior.py) hold other prompts' encodings: the UNet
 is never touched: on that model the base classes stayed at 96-98%, but the untouched UNet drew
-the token as specks half the time and a well-formed star 41% of the time.
+the token as specks half the time and a well-formed star 41% of the time (v1, 2026-11-27).
 """
 
 from __future__ import annotations

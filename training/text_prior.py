@@ -14,11 +14,11 @@ step of the shapes model from 63 to 121 ms (one CPU thread, measured 2026-11-27)
 prompts users write, not every variant. None may contain the new token.
 
 Why it is ours: diffusers' scripts preserve the prior only through class images and the UNet
-loss. On the embedded shapes model that left DreamBooth-LoRA's other shapes at 49% (96% before);
-pivotal tuning through the text encoder with this prior kept them at 96-98% in every run,
-but the untouched UNet drew the held-out star well formed only 41% of the time
-(benchmarks/training_efficacy.py, `pivotal_te`): the prior holds what is there, it cannot make
-the UNet draw what it never learnt. Holding only the 7 class prompts ("a shape", "a red shape",
+loss. On the embedded shapes model that leaves DreamBooth-LoRA's other shapes at 19-26% (100%
+before); pivotal tuning through the text encoder with this prior keeps them at 100%, but the
+untouched UNet draws the held-out star well formed only 25% of the time after 150 steps (56% at
+step 100; benchmarks/training_efficacy.py, `pivotal_te`, 2026-11-28): the prior holds what is
+there, it cannot make the UNet draw what it never learnt. Holding only the 7 class prompts ("a shape", "a red shape",
 ...) instead, in an experiment that trained the whole text encoder, left them at 61-79%: the
 prompts held must cover what users write.
 """

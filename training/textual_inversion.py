@@ -32,10 +32,11 @@ class TextualInversionConfig:
     masked_loss: bool = False
     snr_gamma: float | None = 5.0
     warmup_steps: int = 10
-    # core.LR_SCHEDULERS. Constant, as diffusers' script. Neither wins everywhere on the default
-    # model's pink (4 training seeds each): at lr 1e-2, cosine over 500 steps ends at 46-65%
-    # (flat, 39-69% at step 400); at lr 5e-2 over 300 steps cosine ends at 0-5% and flat at
-    # 19-56% (benchmarks/training_efficacy.py).
+    # core.LR_SCHEDULERS. Constant, as diffusers' script. Neither won everywhere on v1 of the
+    # default model's pink (4 training seeds each): at lr 1e-2, cosine over 500 steps ended at
+    # 46-65% (flat, 39-69% at step 400); at lr 5e-2 over 300 steps cosine ended at 0-5% and flat
+    # at 19-56%. On v2, the shipped model, lr 1e-2 cosine over 500 steps ends at 80-84%
+    # (benchmarks/training_efficacy.py).
     lr_scheduler: str = "constant"
 
     def validate(self) -> None:
