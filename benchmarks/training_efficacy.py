@@ -22,11 +22,7 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    model's own predictions (not the class images' noise) on the very prompts of the base
    classes ("a red triangle", ...; a diagnostic, not a method) reached 75% star with the base
    classes at 84% on v1: this UNet cannot draw a star for the token without changing how it
-   draws the other shapes. Nor does a wider shape vocabulary make room, as the colour continuum
-   did for pink: a 1,500-step fine-tune of v2 that also saw six more shapes (pentagon, hexagon,
-   octagon, arrow, trapezoid, oval; none the judge calls a star; a script outside the repo,
-   2026-11-28; prompt fidelity 99.2%, 30/30) gave DreamBooth-LoRA 94% star with the base classes
-   at 20%, `pivotal_joint` 97% with them at 48%, and textual inversion of the star 0%.
+   draws the other shapes.
 2. The same without prior preservation: how much the base classes drop. Both rows also print
    DreamBooth's own measure of language drift: how often the class prompt "a shape", and
    "a <colour> shape", now draw a star (8 seeds; the base model: never). Measured 2026-11-28 on
