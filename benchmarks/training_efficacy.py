@@ -22,7 +22,13 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    model's own predictions (not the class images' noise) on the very prompts of the base
    classes ("a red triangle", ...; a diagnostic, not a method) reached 75% star with the base
    classes at 84% on v1: this UNet cannot draw a star for the token without changing how it
-   draws the other shapes.
+   draws the other shapes. Nor does a wider shape vocabulary make room, as the colour continuum
+   did for pink: v2 fine-tuned 1,500 + 2,500 steps on data that also held six more shapes
+   (pentagon, hexagon, octagon, arrow, trapezoid, oval; none the judge calls a star; a script
+   outside the repo, 2026-11-28) drew them (looked at; arrows not, most were judged stars and
+   left out) with the base classes still at 100%, and then gave DreamBooth-LoRA 100% star with
+   the base classes at 29%, `pivotal_joint` 100% with them at 38% (94% / 60% at step 300), and
+   textual inversion of the star 0%.
 2. The same without prior preservation: how much the base classes drop. Both rows also print
    DreamBooth's own measure of language drift: how often the class prompt "a shape", and
    "a <colour> shape", now draw a star (8 seeds; the base model: never). Measured 2026-11-28 on
