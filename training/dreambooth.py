@@ -85,24 +85,26 @@ def validate_class_fields(cfg) -> None:
         raise ValueError(f"extra_class_prompts must not contain the instance token {cfg.token!r}: they are what it must leave alone")
 
 
+def distinct_prompts(prompts) -> list[str]:
+    """Prompts with their spaces folded, each once, first occurrence first: how class prompts
+    are counted, here and by the server's checks of a request."""
+    return list(dict.fromkeys(" ".join(p.split()) for p in prompts))
+
+
 def class_prompts(cfg: DreamBoothConfig) -> list[str]:
     """The distinct class prompts, in order: class_prompt, or one per distinct instance caption
     (without the token) when it holds `[filewords]`; then extra_class_prompts."""
-    prompts: list[str] = []
-    if FILEWORDS not in cfg.class_prompt:
-        prompts = [cfg.class_prompt] if cfg.class_prompt else []
-    else:
+    prompts = [cfg.class_prompt] if cfg.class_prompt else []
+    if FILEWORDS in cfg.class_prompt:  # a caption that is the token alone gives "" (unconditional)
         token = re.compile(rf"\s*(?<!\S){re.escape(cfg.token)}(?!\S)")
-        for caption in dataset_captions(Path(cfg.dataset), default_caption=cfg.instance_prompt, token=cfg.token):
-            words = token.sub("", caption).strip()
-            prompts.append(" ".join(cfg.class_prompt.replace(FILEWORDS, words).split()))
-    prompts += [" ".join(p.split()) for p in cfg.extra_class_prompts]
-    return list(dict.fromkeys(prompts))  # distinct, first occurrence first
+        captions = dataset_captions(Path(cfg.dataset), default_caption=cfg.instance_prompt, token=cfg.token)
+        prompts = [cfg.class_prompt.replace(FILEWORDS, token.sub("", caption).strip()) for caption in captions]
+    return distinct_prompts([*prompts, *cfg.extra_class_prompts])
 
 
 def class_prompt_plan(cfg: DreamBoothConfig) -> list[str]:
-    """The prompt of each class image by index: contiguous, near-equal blocks per prompt, so
-    image i is always drawn with seed class_seed + i (batches stay within one prompt).
+    """The prompt of each class image by index: contiguous, near-equal blocks per prompt; image
+    i is always drawn with seed class_seed + i, however ensure_class_images cuts its calls.
     Every prompt needs an image: fewer images than prompts is an error, not a silent drop."""
     prompts = class_prompts(cfg)
     count = cfg.num_class_images or max(DEFAULT_CLASS_IMAGES, len(prompts))

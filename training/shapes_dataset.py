@@ -73,7 +73,7 @@ def sample_scenes(
 
 
 def sample_blend_scenes(
-    num: int, seed: int, avoid: tuple[int, int, int], min_distance: float = 70.0, keep: Callable[[list[Scene]], list[bool]] | None = None
+    num: int, seed: int, avoid: tuple[int, int, int], min_distance: float, keep: Callable[[list[Scene]], list[bool]] | None = None
 ) -> list[tuple[Scene, str]]:
     """`num` scenes of seen shapes filled with colours between the seen ones, each with the
     words for its colour: two seen colours ("red purple", the first weighing more), or one

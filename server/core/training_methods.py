@@ -165,9 +165,11 @@ def _validate_class_prompts(spec: TrainingSpec) -> None:
             raise InvalidArgument(f"{field}[{i}]", f"must not contain the instance token {spec.token!r}: the class prompts are what it must leave alone")
     if spec.num_class_images > MAX_CLASS_IMAGES:
         raise InvalidArgument("dreambooth.num_class_images", f"at most {MAX_CLASS_IMAGES}")
-    # Counted as the trainer counts them (dreambooth.class_prompts): spaces folded, repeats once.
-    # A "[filewords]" class prompt becomes one per caption, which only the trainer can count.
-    n_prompts = len({" ".join(p.split()) for p in (spec.class_prompt, *spec.extra_class_prompts) if p})
+    from impasto.training.dreambooth import distinct_prompts
+
+    # Counted as the trainer counts them. A "[filewords]" class prompt becomes one per caption,
+    # which only the trainer can count (it refuses too few images itself).
+    n_prompts = len(distinct_prompts([p for p in (spec.class_prompt, *spec.extra_class_prompts) if p]))
     if spec.num_class_images and spec.num_class_images < n_prompts:
         raise InvalidArgument("dreambooth.num_class_images", f"{spec.num_class_images} is fewer than the {n_prompts} class prompts; each needs an image")
 

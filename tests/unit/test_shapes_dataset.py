@@ -97,8 +97,8 @@ def test_unnamed_words_are_never_written():
 def test_blend_scenes_name_their_colours_and_keep_away_from_the_held_out_one():
     """train_default --colour_blends: fills between the seen colours, named by their parts."""
     pink = np.array(COLOURS[HELD_OUT_COLOUR])
-    blends = sample_blend_scenes(400, seed=3, avoid=COLOURS[HELD_OUT_COLOUR])
-    assert blends == sample_blend_scenes(400, seed=3, avoid=COLOURS[HELD_OUT_COLOUR])  # a pure function of the seed
+    blends = sample_blend_scenes(400, seed=3, avoid=COLOURS[HELD_OUT_COLOUR], min_distance=70)
+    assert blends == sample_blend_scenes(400, seed=3, avoid=COLOURS[HELD_OUT_COLOUR], min_distance=70)  # a pure function of the seed
     kinds = set()
     for scene, words in blends:
         first, second = words.split()
@@ -116,7 +116,7 @@ def test_blend_scenes_name_their_colours_and_keep_away_from_the_held_out_one():
         seen.append(len(scenes))
         return [s.colour_jitter[0] <= 0 for s in scenes]
 
-    kept = sample_blend_scenes(100, seed=3, avoid=COLOURS[HELD_OUT_COLOUR], keep=no_light)
+    kept = sample_blend_scenes(100, seed=3, avoid=COLOURS[HELD_OUT_COLOUR], min_distance=70, keep=no_light)
     assert len(kept) == 100 and all(scene.colour_jitter[0] <= 0 for scene, _ in kept) and len(seen) > 1
 
 
