@@ -189,7 +189,7 @@ def add_train_command(subparsers) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument(
         "--lr-scheduler", default="", choices=["", "constant", "cosine", "linear"],
-        help="learning-rate schedule after the warmup (default constant; cosine and linear fall to 0 at the end)",
+        help="learning-rate schedule after the warmup (default constant, cosine for textual inversion; cosine and linear fall to 0 at the end)",
     )  # fmt: skip
     train.add_argument("--rank", type=int, default=0)
     train.add_argument("--alpha", type=float)

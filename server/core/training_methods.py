@@ -14,7 +14,7 @@ from .errors import InvalidArgument
 
 METHODS = ("lora", "dreambooth_lora", "textual_inversion", "pivotal_tuning")
 PRIOR_METHODS = ("dreambooth_lora", "pivotal_tuning")  # the methods that take class images (prior preservation)
-DEFAULT_STEPS = {"lora": 300, "dreambooth_lora": 300, "textual_inversion": 300, "pivotal_tuning": 400}
+DEFAULT_STEPS = {"lora": 300, "dreambooth_lora": 300, "textual_inversion": 500, "pivotal_tuning": 400}
 MAX_STEPS = 100_000
 MAX_BATCH = 64
 MAX_RANK = 256
@@ -40,7 +40,7 @@ class TrainingSpec:
     sample_prompts: tuple[str, ...] = ()
     masked_loss: bool = False
     gradient_checkpointing: bool = False
-    lr_scheduler: str = ""  # "": constant
+    lr_scheduler: str = ""  # "": the method's (constant; cosine for textual inversion)
     # LoRA
     rank: int = 0
     alpha: float | None = None

@@ -328,7 +328,9 @@ def test_textual_inversion_takes_a_schedule():
     cfg = textual_inversion.TextualInversionConfig(
         str(tiny_model_dir()), str(star_dataset()), token="<sks>", initializer_token="star", num_steps=4, warmup_steps=0, learning_rate=4e-2
     )  # fmt: skip
-    assert textual_inversion.build(cfg).train_step().learning_rate == 4e-2  # constant by default, as diffusers'
+    assert cfg.lr_scheduler == "cosine"  # the default: the steadiest on the shipped model (textual_inversion.py)
+    cfg.lr_scheduler = "constant"
+    assert textual_inversion.build(cfg).train_step().learning_rate == 4e-2
     cfg.lr_scheduler = "linear"
     tuner = textual_inversion.build(cfg)
     assert [tuner.train_step().learning_rate for _ in range(4)] == pytest.approx([3e-2, 2e-2, 1e-2, 0.0])
