@@ -170,7 +170,7 @@ def add_train_command(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="train an adapter on a running server, with a progress bar",
         description="Train an adapter on a running server and watch it. A numeric option left out or 0, and a "
-        "flag left off, takes the server's default for the method (for example 300 steps, 400 for pivotal tuning).",
+        "flag left off, takes the server's default for the method (for example 300 steps; 500 for textual inversion, 400 for pivotal tuning).",
     )  # fmt: skip
     train.add_argument("method", choices=["lora", "dreambooth_lora", "textual_inversion", "pivotal_tuning"])
     train.add_argument("--target", **target)

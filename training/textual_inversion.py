@@ -29,8 +29,9 @@ class TextualInversionConfig:
     # textual inversion of pink, four training seeds each, benchmarks/training_efficacy.py,
     # 2026-11-28): lr 1e-2 on a cosine schedule over 500 steps ended at 84%, 81%, 80%, 81% pink;
     # a constant schedule (diffusers' default) at lr 5e-2 over 300 steps, this file's defaults
-    # before, at 92%, 44%, 82%, 81%: one seed in four missed. On v1 neither won everywhere. The tiny model's
-    # embeddings are 32 wide; for SD 1.5 (768) diffusers' ~5e-3 is the scale to start from.
+    # before, at 92%, 44%, 82%, 81%: one seed in four missed. On v1 neither won everywhere. The
+    # tiny model's embeddings are 32 wide; for SD 1.5 (768) diffusers' ~5e-3 is the scale to
+    # start from.
     num_steps: int = 500
     batch_size: int = 4
     seed: int = 0
