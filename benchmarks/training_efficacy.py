@@ -420,6 +420,17 @@ def main() -> None:
     def star_rate(tuner, embeddings=None, token="sks"):
         return concept_rates(tuner.parts, f"a {{colour}} {token} shape", f"a {{colour}} {HELD_OUT_SHAPE}", seeds, embeddings)
 
+    def token_star_other_seeds(config_for_seed) -> list[tuple[float, float]]:
+        """Pivotal rows: (star, base classes) of training seeds 1..--train-runs-1, each judged at its end."""
+        out = []
+        for seed in range(1, args.train_runs):
+            other = pivotal_tuning.build(config_for_seed(seed))
+            while not other.done:
+                other.train_step()
+            out.append((star_rate(other, other.embeddings, "<sks>").part, base_classes_rate(other.parts, base_seeds, other.embeddings)))
+            print(f"  training seed {seed}: {out[-1][0]:.0%} star, base classes {out[-1][1]:.0%}", flush=True)
+        return out
+
     def db_config(prior: bool, seed: int = 0) -> dreambooth.DreamBoothConfig:
         return dreambooth.DreamBoothConfig(
             model_dir=args.model, dataset=str(star_data), instance_prompt="a sks shape", token="sks", num_steps=args.steps,
@@ -550,13 +561,7 @@ def main() -> None:
         print_adapter_weights(
             name, tuner, adapter_weights, lambda t: star_rate(t, t.embeddings, "<sks>").part, lambda t: base_classes_rate(t.parts, base_seeds, t.embeddings)
         )  # fmt: skip
-        seed_runs = [(shape_rate, after)]
-        for seed in range(1, args.train_runs):
-            other = pivotal_tuning.build(pivotal_config(seed))
-            while not other.done:
-                other.train_step()
-            seed_runs.append((star_rate(other, other.embeddings, "<sks>").part, base_classes_rate(other.parts, base_seeds, other.embeddings)))
-            print(f"  training seed {seed}: {seed_runs[-1][0]:.0%} star, base classes {seed_runs[-1][1]:.0%}", flush=True)
+        seed_runs = [(shape_rate, after)] + token_star_other_seeds(pivotal_config)
         results[name] = [r[0] for r in seed_runs]
         rows.append([
             f"Pivotal tuning ({'LoRA with the token' if joint else 'token, then LoRA'}; star, {'prior' if prior else 'no prior'})", tuner.step, f"{seconds:.0f}s", args.rank, "-",
@@ -584,13 +589,7 @@ def main() -> None:
         shape_rate, pair_rate, formed = star_rate(tuner, tuner.embeddings, "<sks>")
         after = base_classes_rate(tuner.parts, base_seeds, tuner.embeddings)
         size = write_outputs(tuner.adapter(), work / "pivotal_te-out", "pivotal_te")["kohya"].stat().st_size
-        seed_runs = [(shape_rate, after)]
-        for seed in range(1, args.train_runs):
-            other = pivotal_tuning.build(te_config(seed))
-            while not other.done:
-                other.train_step()
-            seed_runs.append((star_rate(other, other.embeddings, "<sks>").part, base_classes_rate(other.parts, base_seeds, other.embeddings)))
-            print(f"  training seed {seed}: {seed_runs[-1][0]:.0%} star, base classes {seed_runs[-1][1]:.0%}", flush=True)
+        seed_runs = [(shape_rate, after)] + token_star_other_seeds(te_config)
         results["pivotal_te"] = [r[0] for r in seed_runs]
         best = max(history, key=lambda h: h[2]) if history else None  # (step, seconds, rate)
         rows.append([
