@@ -66,9 +66,12 @@ The judge (models/judge.py) scores generated images; its prompts name what each 
    seed 0, 2026-11-28), star / base classes at steps 2,000, 4,000, 6,000, 8,000 (5.6 min of
    training per 2,000 steps): 66% / 89%, 78% / 82%, 88% / 82%, 95% / 86%; with
    `--num-class-images 720` 70% / 88%, **95% / 92%**, 72% / 89%, 100% / 79%; with 720 and
-   `--prior-loss-weight 2` (6,000 steps) 55% / 91%, **92% / 93%**, 81% / 89%. Up to 187 points,
-   never the bar's 95% of the base classes beside 80% star, and single points swing 10-20 points
-   from one evaluation to the next.
+   `--prior-loss-weight 2` (6,000 steps) 55% / 91%, **92% / 93%**, 81% / 89%. Runs that end at
+   4,000 steps (`--steps 4000`, 720 class images; the token frozen after 2,000), at steps 1,000
+   to 4,000: prior weight 2, 23% / 94%, 55% / 91%, 83% / 92%, **94% / 92%** (10.5 min of
+   training); weight 3, 17% / 96%, 30% / 90%, 77% / 93%, 84% / 92% [87-95%]. Up to 187 points,
+   never the bar's 95% of the base classes beside 80% star (92-93% at best, whose intervals
+   reach 95-96%), and single points swing 10-20 points from one evaluation to the next.
 3. Textual inversion of the held-out colour ("pink") from 5 pink shapes captioned
    "a <pink> <shape>", one vector from "red" at lr 1e-2, 500 steps on a cosine schedule
    (textual inversion's defaults since 2026-11-28; --colour-lr, --colour-steps,
