@@ -302,36 +302,13 @@ def train_and_track(tuner, eval_every: int, evaluate, bar: float, side=None):
 def served_client():
     """A real server (in this process, on a free port, the embedded default model) and a client
     to it; stopped on exit."""
-    import asyncio
-    import threading
-
-    from impasto.config import load_config
-    from impasto.rpc.app import ImpastoServer
+    from impasto.rpc.server_thread import running_server
     from impasto_client import ImpastoClient
 
     data_dir = Path(tempfile.mkdtemp(prefix="impasto-efficacy-server-"))
-    config = load_config(None, port=0, data_dir=data_dir, include_embedded_model=True)
-    loop = asyncio.new_event_loop()
-    ready, holder = threading.Event(), {}
-
-    def run():  # grpc.aio wants its server made on the loop that runs it
-        asyncio.set_event_loop(loop)
-        try:
-            holder["server"] = ImpastoServer(config)
-            loop.run_until_complete(holder["server"].start())
-        finally:
-            ready.set()
-        loop.run_forever()
-
-    threading.Thread(target=run, daemon=True).start()
-    ready.wait(300)
-    server = holder["server"]
-    try:
-        with ImpastoClient(f"127.0.0.1:{server.port}") as client:
+    with running_server(data_dir=data_dir, include_embedded_model=True) as server:
+        with ImpastoClient(server.target) as client:
             yield client
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
-        loop.call_soon_threadsafe(loop.stop)
 
 
 def served_images(client, prompts: list[str], image_seeds: list[int]) -> list[np.ndarray]:

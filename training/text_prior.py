@@ -18,9 +18,9 @@ loss. On the embedded shapes model that leaves DreamBooth-LoRA's other shapes at
 before); pivotal tuning through the text encoder with this prior keeps them at 100%, but the
 untouched UNet draws the held-out star well formed only 25% of the time after 150 steps (56% at
 step 100; benchmarks/training_efficacy.py, `pivotal_te`, 2026-11-28): the prior holds what is
-there, it cannot make the UNet draw what it never learnt. Holding only the 7 class prompts ("a shape", "a red shape",
-...) instead, in an experiment that trained the whole text encoder, left them at 61-79%: the
-prompts held must cover what users write.
+there, it cannot make the UNet draw what it never learnt. Holding only the 7 class prompts
+("a shape", "a red shape", ...) instead, in an experiment that trained the whole text encoder,
+left them at 61-79%: the prompts held must cover what users write.
 """
 
 from __future__ import annotations
