@@ -395,7 +395,9 @@ def main() -> None:
     parser.add_argument("--train-text-encoder", action="store_true")
     parser.add_argument("--text-encoder-lr", type=float, default=1e-4)
     parser.add_argument("--prior-loss-weight", type=float, default=1.0)
+    parser.add_argument("--prior-target", default="noise", help="the class loss's target: noise (diffusers) or base_model")
     parser.add_argument("--embedding-lr", type=float, default=5e-2, help="textual inversion of the shape, pivotal tuning")
+    parser.add_argument("--vectors", type=int, default=1, help="textual inversion of the shape, pivotal tuning: vectors of the token")
     parser.add_argument("--colour-init", default="red", help="textual inversion of pink: the word its vector starts from")
     parser.add_argument("--colour-lr", type=float, default=1e-2, help="textual inversion of pink: learning rate")
     parser.add_argument("--colour-vectors", type=int, default=1, help="textual inversion of pink: vectors of the token")
@@ -469,7 +471,7 @@ def main() -> None:
             batch_size=args.batch_size, rank=args.rank, unet_lr=args.unet_lr, seed=seed,
             class_prompt=args.class_prompt, class_dir=str(class_dir), num_class_images=num_class_images,
             extra_class_prompts=extra_class_prompts,
-            prior_loss_weight=args.prior_loss_weight if prior else 0.0, conv=args.conv,
+            prior_loss_weight=args.prior_loss_weight if prior else 0.0, conv=args.conv, prior_target=args.prior_target,
             train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
         )  # fmt: skip
 
@@ -550,7 +552,7 @@ def main() -> None:
     if "ti_shape" in only:
         print("ti_shape: textual inversion of the held-out shape", flush=True)
         cfg = textual_inversion.TextualInversionConfig(
-            args.model, str(star_data), token="<sks>", initializer_token="shape", num_steps=args.ti_steps,
+            args.model, str(star_data), token="<sks>", initializer_token="shape", num_vectors=args.vectors, num_steps=args.ti_steps,
             batch_size=args.batch_size, learning_rate=args.embedding_lr, seed=0,
         )  # fmt: skip
         tuner = textual_inversion.build(cfg)
@@ -575,12 +577,12 @@ def main() -> None:
 
         def pivotal_config(seed: int, prior=prior, joint=joint, num_steps=num_steps, embedding_steps=embedding_steps):
             return pivotal_tuning.PivotalTuningConfig(
-                model_dir=args.model, dataset=str(star_data), token="<sks>", initializer_token="shape", num_steps=num_steps,
+                model_dir=args.model, dataset=str(star_data), token="<sks>", initializer_token="shape", num_vectors=args.vectors, num_steps=num_steps,
                 embedding_steps=embedding_steps, train_lora_with_embedding=joint, batch_size=args.batch_size, rank=args.rank,
                 unet_lr=args.unet_lr, embedding_lr=args.embedding_lr,
                 seed=seed, conv=args.conv, train_text_encoder=args.train_text_encoder, text_encoder_lr=args.text_encoder_lr,
                 class_prompt=args.class_prompt if prior else "", class_dir=str(class_dir) if prior else "",
-                num_class_images=num_class_images, prior_loss_weight=args.prior_loss_weight if prior else 0.0,
+                num_class_images=num_class_images, prior_loss_weight=args.prior_loss_weight if prior else 0.0, prior_target=args.prior_target,
                 extra_class_prompts=extra_class_prompts if prior else (),
             )  # fmt: skip
 

@@ -99,6 +99,7 @@ def _train(args) -> int:
             extra_class_prompts=_prompts(args.extra_class_prompt, args.class_prompt_file),
             num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight,
+            prior_target=args.prior_target,
             token=args.token,
             initializer_token=args.initializer_token,
             num_vectors=args.num_vectors,
@@ -205,6 +206,10 @@ def add_train_command(subparsers) -> None:
     )  # fmt: skip
     train.add_argument("--class-prompt-file", help="a file of extra class prompts, one per line")
     train.add_argument("--prior-loss-weight", type=float)
+    train.add_argument(
+        "--prior-target", default="", choices=["", "noise", "base_model"],
+        help="the class images' target: the added noise (default, as diffusers) or the base model's own prediction",
+    )  # fmt: skip
     train.add_argument("--token", default="", help="textual inversion / pivotal tuning: the new token, e.g. '<pink>'")
     train.add_argument("--initializer-token", default="")
     train.add_argument("--num-vectors", type=int, default=0)

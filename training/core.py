@@ -21,6 +21,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_CONV_TARGETS = ("conv1", "conv2")  # LoCon: the ResNet blocks' convolutions
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER_NAME = "default"  # peft's adapter slot in the training copy
+PRIOR_TARGETS = ("noise", "base_model")
 
 
 # --- base weights ------------------------------------------------------------------------------
@@ -257,6 +259,26 @@ def add_saved_embeddings(tokenizer, text_encoder, embeddings: dict[str, dict[str
     return expanded
 
 
+@contextmanager
+def adapters_off(*modules: nn.Module):
+    """The base model's behaviour for a moment: every peft layer in `modules` bypassed, and each
+    LoRA parameter's requires_grad as it was afterwards (peft's enable_adapters(True) would turn
+    them all on, frozen phases included)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for module in modules for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 # --- the training step ---------------------------------------------------------------------------
 
 
@@ -338,6 +360,7 @@ class FineTuner:
         trainable_modules: dict[str, nn.Module] | None = None,
         embeddings: TokenEmbeddings | None = None,
         text_prior=None,  # text_prior.TextPrior: added to the loss in phases that train the text encoder
+        prior_target: str = "noise",  # PRIOR_TARGETS
     ):
         if not phases or any(p.num_steps < 0 for p in phases):
             raise ValueError("a run needs at least one phase with steps >= 0")
@@ -351,6 +374,9 @@ class FineTuner:
         self.classes = CachedLatents(parts.vae, class_examples) if class_examples and prior_loss_weight > 0 else None
         self.class_captions = [e.caption for e in class_examples or []]
         self.prior_loss_weight = prior_loss_weight
+        if prior_target not in PRIOR_TARGETS:
+            raise ValueError(f"prior_target must be one of {', '.join(PRIOR_TARGETS)}, got {prior_target!r}")
+        self.prior_target = prior_target
         self.trainable_modules = trainable_modules or {}
         self.embeddings = embeddings
         self.text_prior = text_prior
@@ -453,6 +479,8 @@ class FineTuner:
         noisy, target = noisy_latents_and_target(self.noise_scheduler, latents, noise, timesteps)
         context = self._encode(captions, phase.trains_text_encoder)
         pred = self.parts.unet(noisy, timesteps, context).sample
+        if len(latents) > bs and self.prior_target == "base_model":
+            target = torch.cat([target[:bs], self._base_prediction(noisy[bs:], timesteps[bs:], captions[bs:], context[bs:])])
 
         loss = self._loss(pred[:bs], target[:bs], timesteps[:bs], self.instance.mask_batch(idx) if self.masked_loss else None)
         if len(latents) > bs:
@@ -479,6 +507,18 @@ class FineTuner:
         self._steps_this_session += 1
         lr = self.optimizer.param_groups[0]["lr"]
         return StepResult(self.step, value, lr, phase.name, time.perf_counter() - t0)
+
+    def _base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], context: torch.Tensor) -> torch.Tensor:
+        """What the base model predicts for the class half (prior_target "base_model"): the
+        adapters off, no gradient. `context` is the class captions' encoding this step; it is
+        the base model's unless the text encoder has a LoRA (new token rows never touch class
+        captions, which may not hold the token), and then they are encoded again without it."""
+        with torch.no_grad(), adapters_off(self.parts.unet, self.parts.text_encoder):
+            if "text_encoder" in self.trainable_modules:
+                tok = self.parts.tokenizer
+                ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+                context = self.parts.text_encoder(ids)[0]
+            return self.parts.unet(noisy, timesteps, context.detach()).sample
 
     def _loss(self, pred, target, timesteps, masks) -> torch.Tensor:
         if masks is None:

@@ -51,6 +51,7 @@ class PivotalTuningConfig(LoraTrainConfig):
     prior_loss_weight: float = 0.0
     class_seed: int = 10_000
     extra_class_prompts: tuple[str, ...] = ()
+    prior_target: str = "noise"
     # The LoRA trains in the embedding phase too (diffusers' order), not only after it (lora_pti's).
     train_lora_with_embedding: bool = False
 
@@ -89,7 +90,7 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
     class_examples = load_class_examples(cfg, parts.resolution) if cfg.prior_loss_weight > 0 else None
     tuner = FineTuner(
         parts, data.examples, phases, optim, class_examples=class_examples, prior_loss_weight=cfg.prior_loss_weight,
-        masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings, text_prior=text_prior_of(cfg, parts),
+        prior_target=cfg.prior_target, masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings, text_prior=text_prior_of(cfg, parts),
     )  # fmt: skip
     tuner.skipped = data.skipped
     return tuner

@@ -56,6 +56,7 @@ class TrainingSpec:
     extra_class_prompts: tuple[str, ...] = ()
     num_class_images: int = 0
     prior_loss_weight: float | None = None
+    prior_target: str = ""  # "": the trainer's default (noise)
     # textual inversion / pivotal tuning
     token: str = ""
     initializer_token: str = ""
@@ -134,6 +135,12 @@ def validate_spec(spec: TrainingSpec) -> None:
         raise InvalidArgument("lora.text_prior_weight", "must be > 0")
     if spec.prior_loss_weight is not None and spec.prior_loss_weight < 0:
         raise InvalidArgument("dreambooth.prior_loss_weight", "must be >= 0")
+    from impasto.training.core import PRIOR_TARGETS
+
+    if spec.prior_target and spec.prior_target not in PRIOR_TARGETS:
+        raise InvalidArgument("dreambooth.prior_target", f"must be one of {', '.join(PRIOR_TARGETS)}, got {spec.prior_target!r}")
+    if spec.prior_target and not spec.uses_prior_preservation:
+        raise InvalidArgument("dreambooth.prior_target", "only acts with prior preservation on (a class prompt, prior_loss_weight > 0)")
     _validate_class_prompts(spec)
     if spec.method == "dreambooth_lora" and not spec.instance_prompt:
         raise InvalidArgument("instance_prompt", "DreamBooth needs the prompt that binds the instance, e.g. 'a sks shape'")
@@ -182,6 +189,7 @@ def _prior_fields(spec: TrainingSpec, job_dir: Path) -> dict:
         class_dir=str(job_dir / "class_images"),
         num_class_images=spec.num_class_images,  # 0: the trainer's default (50, or one per class prompt)
         prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.has_class_prompts else 0.0,
+        prior_target=spec.prior_target or "noise",
     )
 
 

@@ -61,6 +61,7 @@ def training_spec(request: pb.StartTrainingRequest) -> TrainingSpec:
         extra_class_prompts=tuple(db.extra_class_prompts),
         num_class_images=db.num_class_images,
         prior_loss_weight=_opt(db, "prior_loss_weight"),
+        prior_target=db.prior_target,
         token=ti.token,
         initializer_token=ti.initializer_token,
         num_vectors=ti.num_vectors,

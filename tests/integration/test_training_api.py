@@ -3,6 +3,7 @@ Generate with the adapter it registered; plus the refusals (paths, bad options).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -210,16 +211,19 @@ def test_bad_options_name_the_field(served, tmp_path):
 
 def test_extra_class_prompts_get_their_own_class_images(served, tmp_path):
     """dreambooth.extra_class_prompts: the server draws class images for each of them beside
-    class_prompt's, and each image keeps its prompt; the job trains and registers its adapter."""
+    class_prompt's, and each image keeps its prompt; the job trains (here with the base model's
+    prediction as the class images' target) and registers its adapter."""
     _, client, data = served
     write_shapes(data / "datasets" / "extra-stars", [("star", "red"), ("star", "blue")], ["a red sks shape", "a blue sks shape"])
     job_id = client.start_training(
         "dreambooth_lora", dataset="extra-stars", adapter_name="db-extra", instance_prompt="a sks shape", class_prompt="a shape",
         extra_class_prompts=["a red circle on a white background", "a blue square"], num_class_images=3, num_steps=2,
-        batch_size=1, rank=1, seed=3,
+        batch_size=1, rank=1, seed=3, prior_target="base_model",
     )  # fmt: skip
     final = list(client.watch_job(job_id, timeout=300))[-1]
     assert isinstance(final, JobStatus) and final.state == "succeeded", final
+    record = json.loads((data / "training" / "jobs" / job_id / "job.json").read_text())
+    assert record["spec"]["prior_target"] == "base_model"
     class_dir = data / "training" / "jobs" / job_id / "class_images"
     assert sorted(p.read_text() for p in class_dir.glob("class_[0-9]*.txt")) == ["a blue square", "a red circle on a white background", "a shape"]
     assert "db-extra" in [a.name for a in client.list_adapters()]
@@ -250,6 +254,8 @@ def test_cli_reads_extra_class_prompts_from_a_file_and_the_option(served, tmp_pa
         (dict(extra_class_prompts=["a circle", " "]), r"dreambooth.extra_class_prompts\[1\]: is empty"),
         (dict(extra_class_prompts=["[filewords]"]), r"dreambooth.extra_class_prompts\[0\]: \[filewords\] belongs in dreambooth.class_prompt"),
         (dict(extra_class_prompts=["a circle", "a square"], num_class_images=2), "dreambooth.num_class_images: 2 is fewer than the 3 class prompts"),
+        (dict(prior_target="teacher"), "dreambooth.prior_target: must be one of noise, base_model, got 'teacher'"),
+        (dict(prior_target="base_model", prior_loss_weight=0.0), "dreambooth.prior_target: only acts with prior preservation on"),
     ],
 )
 def test_extra_class_prompts_are_checked_by_field(served, options, message):

@@ -128,6 +128,43 @@ def test_dreambooth_uses_class_images_and_prior_weight(tmp_path):
     assert changed(before, base_params(parts)) == set()
 
 
+def test_prior_target_base_model_holds_the_class_half_to_the_base_prediction(tmp_path):
+    """prior_target "base_model": the class images' target is the base model's own prediction
+    (adapters off), not the drawn noise. At the first step the LoRA is still inert (B = 0), so the
+    class half's error is zero: the loss is the instance loss alone, whatever the prior's weight;
+    with the noise target it grows with the weight. After some steps (a text-encoder LoRA too),
+    the target is still the base model's prediction exactly, and requires_grad is as it was."""
+
+    def first_step(prior_target: str, weight: float, **kw):
+        cfg = dreambooth.DreamBoothConfig(
+            **{**lora_config(**kw).__dict__, "instance_prompt": "a sks shape"}, class_prompt="a shape",
+            class_dir=str(tmp_path / "class"), num_class_images=3, prior_loss_weight=weight, prior_target=prior_target,
+        )  # fmt: skip
+        dreambooth.ensure_class_images(cfg, render_class_images)
+        tuner = dreambooth.build(cfg)
+        return tuner, tuner.train_step().loss
+
+    assert first_step("base_model", 5.0)[1] == pytest.approx(first_step("base_model", 1.0)[1], rel=1e-5)
+    assert first_step("noise", 5.0)[1] > first_step("noise", 1.0)[1] * 1.2
+
+    tuner, _ = first_step("base_model", 1.0, train_text_encoder=True, text_encoder_lr=1e-2)
+    for _ in range(3):
+        tuner.train_step()
+    base = load_components(tiny_model_dir())
+    noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 700])
+    ids = base.tokenizer(["a shape"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = base.unet(noisy, t, base.text_encoder(ids)[0]).sample
+        context = tuner._encode(["a shape"] * 2, with_grad=False)  # through the text encoder's LoRA
+        trained = tuner.parts.unet(noisy, t, context).sample
+    assert not torch.allclose(trained, expected, atol=1e-6)  # the LoRAs have moved
+    flags = [p.requires_grad for p in [*tuner.parts.unet.parameters(), *tuner.parts.text_encoder.parameters()]]
+    assert torch.allclose(tuner._base_prediction(noisy, t, ["a shape"] * 2, context), expected, atol=1e-6)
+    assert [p.requires_grad for p in [*tuner.parts.unet.parameters(), *tuner.parts.text_encoder.parameters()]] == flags
+    with pytest.raises(ValueError, match="prior_target"):
+        dreambooth.DreamBoothConfig(**{**lora_config().__dict__, "instance_prompt": "a sks shape"}, prior_target="teacher").validate()
+
+
 def test_dreambooth_filewords_class_prompts_follow_the_captions(tmp_path):
     """`[filewords]`: one class prompt per instance caption, the token taken out; the class
     images are split between them in blocks, each image keeps its own prompt, and a resumed

@@ -152,6 +152,7 @@ def start_request(
     extra_class_prompts: list[str] | None = None,
     num_class_images: int = 0,
     prior_loss_weight: float | None = None,
+    prior_target: str = "",
     token: str = "",
     initializer_token: str = "",
     num_vectors: int = 0,
@@ -173,7 +174,9 @@ def start_request(
             rank=rank, train_text_encoder=train_text_encoder, conv=conv, text_encoder_only=text_encoder_only,
             text_prior_prompts=text_prior_prompts or [],
         ),
-        dreambooth=pb.DreamBoothOptions(class_prompt=class_prompt, num_class_images=num_class_images, extra_class_prompts=extra_class_prompts or []),
+        dreambooth=pb.DreamBoothOptions(
+            class_prompt=class_prompt, num_class_images=num_class_images, extra_class_prompts=extra_class_prompts or [], prior_target=prior_target,
+        ),
         textual_inversion=pb.TextualInversionOptions(
             token=token, initializer_token=initializer_token, num_vectors=num_vectors, embedding_steps=embedding_steps,
             train_lora_with_embedding=train_lora_with_embedding,
