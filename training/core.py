@@ -259,6 +259,12 @@ def add_saved_embeddings(tokenizer, text_encoder, embeddings: dict[str, dict[str
     return expanded
 
 
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Prompts as the text encoder reads them in training: padded to its full length, as SD was
+    trained (the UNet attends to the padding too)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
 @contextmanager
 def adapters_off(*modules: nn.Module):
     """The base model's behaviour for a moment: every peft layer in `modules` bypassed, and each
@@ -443,11 +449,10 @@ class FineTuner:
         if self.embeddings is not None:
             captions = [self.embeddings.expand(c) for c in captions]
         if with_grad:
-            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            return self.parts.text_encoder(ids)[0]
+            return self.parts.text_encoder(token_ids(tok, captions))[0]
         missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
         if missing:
-            ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            ids = token_ids(tok, missing)
             with torch.no_grad():
                 out = self.parts.text_encoder(ids)[0]
             self._text_cache.update(zip(missing, out))
@@ -515,9 +520,7 @@ class FineTuner:
         captions, which may not hold the token), and then they are encoded again without it."""
         with torch.no_grad(), adapters_off(self.parts.unet, self.parts.text_encoder):
             if "text_encoder" in self.trainable_modules:
-                tok = self.parts.tokenizer
-                ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-                context = self.parts.text_encoder(ids)[0]
+                context = self.parts.text_encoder(token_ids(self.parts.tokenizer, captions))[0]
             return self.parts.unet(noisy, timesteps, context.detach()).sample
 
     def _loss(self, pred, target, timesteps, masks) -> torch.Tensor:

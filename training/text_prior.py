@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import BaseComponents
+from .core import BaseComponents, token_ids
 
 
 class TextPrior:
@@ -37,10 +37,9 @@ class TextPrior:
             raise ValueError("a text prior needs prompts to hold")
         if weight <= 0:
             raise ValueError(f"text_prior_weight must be > 0, got {weight}")
-        tok = parts.tokenizer
         self.weight = weight
         self.prompts = list(prompts)
-        self.ids = tok(self.prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        self.ids = token_ids(parts.tokenizer, self.prompts)
         with torch.no_grad():
             self.targets = parts.text_encoder(self.ids)[0].detach().clone()
 
