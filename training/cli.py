@@ -100,6 +100,7 @@ def _train(args) -> int:
             num_class_images=args.num_class_images,
             prior_loss_weight=args.prior_loss_weight,
             prior_target=args.prior_target,
+            token_contrast_weight=args.token_contrast_weight,
             token=args.token,
             initializer_token=args.initializer_token,
             num_vectors=args.num_vectors,
@@ -210,7 +211,11 @@ def add_train_command(subparsers) -> None:
         "--prior-target", default="", choices=["", "noise", "base_model"],
         help="the class images' target: the added noise (default, as diffusers) or the base model's own prediction",
     )  # fmt: skip
-    train.add_argument("--token", default="", help="textual inversion / pivotal tuning: the new token, e.g. '<pink>'")
+    train.add_argument(
+        "--token-contrast-weight", type=float,
+        help="DreamBooth-LoRA / pivotal tuning: also hold the instance images, captioned without --token, to the base model's prediction (off by default)",
+    )  # fmt: skip
+    train.add_argument("--token", default="", help="textual inversion / pivotal tuning: the new token, e.g. '<pink>'; DreamBooth-LoRA: the instance token of the captions, e.g. 'sks'")
     train.add_argument("--initializer-token", default="")
     train.add_argument("--num-vectors", type=int, default=0)
     train.add_argument("--embedding-lr", type=float)

@@ -1,5 +1,6 @@
 """The small core every trainer shares: base weights, cached latents, LoRA injection, new tokens,
-and `FineTuner`, the one training step (with prior preservation and masked loss), in phases.
+and `FineTuner`, the one training step (with prior preservation, the token contrast and masked
+loss), in phases.
 
 A trainer (lora.py, dreambooth.py, textual_inversion.py, pivotal_tuning.py) reads top to bottom:
 its config dataclass, then what it makes trainable, then the phases it runs. Everything here is
@@ -298,9 +299,9 @@ class Phase:
     trains_text_encoder: bool  # text-encoder LoRA or token rows: encode captions with gradients
     embeddings: TokenEmbeddings | None = None  # rows to keep to themselves in this phase
     on_start: Callable[[], None] | None = None
-    # Class images in this phase's batches (when the tuner has them). Pivotal tuning's
-    # embedding phase leaves them out: their captions hold no new token, so they would
-    # double the step's cost for a gradient of zero.
+    # Class images and the token contrast in this phase's batches (when the tuner has them).
+    # Pivotal tuning's embedding phase leaves them out: their captions hold no new token, so
+    # they would double the step's cost for a gradient of zero.
     uses_prior: bool = True
 
 
@@ -351,6 +352,16 @@ class FineTuner:
     prompt; loss = instance loss + prior_loss_weight × class loss, as diffusers'
     train_dreambooth_lora.py computes it. Masked loss: the squared error is weighted by the
     image's mask at latent resolution.
+
+    Token contrast (ours; `token_contrast_weight` > 0): every step also reads the instance
+    batch's own noisy latents with its captions stripped of the token ("a red sks shape" ->
+    "a red shape") and holds those predictions to the base model's (the adapters off). The same
+    input then asks for the instance with the token and for the base model's image without it,
+    so what the adapter learns can only be carried by the token. Why: class images hold the
+    prompts they were drawn with, but the adapter's change still spreads to every prompt near
+    the instance captions; the contrast ties it to the one word that differs. On the embedded
+    shapes model it is what let DreamBooth-LoRA learn the held-out star without redrawing the
+    other shapes as stars (benchmarks/training_efficacy.py).
     """
 
     def __init__(
@@ -367,6 +378,8 @@ class FineTuner:
         embeddings: TokenEmbeddings | None = None,
         text_prior=None,  # text_prior.TextPrior: added to the loss in phases that train the text encoder
         prior_target: str = "noise",  # PRIOR_TARGETS
+        contrast_captions: list[str] | None = None,  # the instance captions without the token, one per example
+        token_contrast_weight: float = 0.0,
     ):
         if not phases or any(p.num_steps < 0 for p in phases):
             raise ValueError("a run needs at least one phase with steps >= 0")
@@ -383,6 +396,17 @@ class FineTuner:
         if prior_target not in PRIOR_TARGETS:
             raise ValueError(f"prior_target must be one of {', '.join(PRIOR_TARGETS)}, got {prior_target!r}")
         self.prior_target = prior_target
+        if token_contrast_weight < 0:
+            raise ValueError(f"token_contrast_weight must be >= 0, got {token_contrast_weight}")
+        if token_contrast_weight > 0:
+            if contrast_captions is None or len(contrast_captions) != len(instance):
+                raise ValueError("the token contrast needs each instance caption without the token")
+            same = [e.source or e.caption for e, c in zip(instance, contrast_captions) if c == e.caption]
+            if same:
+                # Its two halves would ask one prompt for the instance and for the base model's image.
+                raise ValueError(f"the token contrast needs the token in every instance caption; these have none: {', '.join(same[:5])}")
+        self.contrast_captions = list(contrast_captions or [])
+        self.token_contrast_weight = token_contrast_weight
         self.trainable_modules = trainable_modules or {}
         self.embeddings = embeddings
         self.text_prior = text_prior
@@ -482,14 +506,26 @@ class FineTuner:
         noise = torch.randn(latents.shape, generator=gen)
         timesteps = sample_timesteps(self.noise_scheduler, len(latents), gen)
         noisy, target = noisy_latents_and_target(self.noise_scheduler, latents, noise, timesteps)
+        n_class = len(latents) - bs
+        n_contrast = bs if self.token_contrast_weight > 0 and phase.uses_prior else 0
+        if n_contrast:
+            # The token contrast: the instance half's very noisy latents and timesteps again,
+            # read with the captions stripped of the token, held to the base model's prediction.
+            noisy, timesteps = torch.cat([noisy, noisy[:bs]]), torch.cat([timesteps, timesteps[:bs]])
+            captions += [self.contrast_captions[i] for i in idx]
         context = self._encode(captions, phase.trains_text_encoder)
         pred = self.parts.unet(noisy, timesteps, context).sample
-        if len(latents) > bs and self.prior_target == "base_model":
-            target = torch.cat([target[:bs], self._base_prediction(noisy[bs:], timesteps[bs:], captions[bs:], context[bs:])])
+        held = bs if self.prior_target == "base_model" else bs + n_class  # rows whose target is the base model's
+        if len(noisy) > held:
+            target = torch.cat([target[:held], self._base_prediction(noisy[held:], timesteps[held:], captions[held:], context[held:])])
 
         loss = self._loss(pred[:bs], target[:bs], timesteps[:bs], self.instance.mask_batch(idx) if self.masked_loss else None)
-        if len(latents) > bs:
-            loss = loss + self.prior_loss_weight * self._loss(pred[bs:], target[bs:], timesteps[bs:], None)
+        if n_class:
+            rows = slice(bs, bs + n_class)
+            loss = loss + self.prior_loss_weight * self._loss(pred[rows], target[rows], timesteps[rows], None)
+        if n_contrast:
+            rows = slice(bs + n_class, None)
+            loss = loss + self.token_contrast_weight * self._loss(pred[rows], target[rows], timesteps[rows], None)
         if self._holds_text_prior:
             loss = loss + self.text_prior.loss(self.parts.text_encoder)
 
@@ -514,10 +550,11 @@ class FineTuner:
         return StepResult(self.step, value, lr, phase.name, time.perf_counter() - t0)
 
     def _base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, captions: list[str], context: torch.Tensor) -> torch.Tensor:
-        """What the base model predicts for the class half (prior_target "base_model"): the
-        adapters off, no gradient. `context` is the class captions' encoding this step; it is
-        the base model's unless the text encoder has a LoRA (new token rows never touch class
-        captions, which may not hold the token), and then they are encoded again without it."""
+        """What the base model predicts for the rows held to it (the class half with prior_target
+        "base_model", the token contrast's rows): the adapters off, no gradient. `context` is
+        those captions' encoding this step; it is the base model's unless the text encoder has a
+        LoRA (new token rows never touch these captions, which hold no token), and then they are
+        encoded again without it."""
         with torch.no_grad(), adapters_off(self.parts.unet, self.parts.text_encoder):
             if "text_encoder" in self.trainable_modules:
                 context = self.parts.text_encoder(token_ids(self.parts.tokenizer, captions))[0]

@@ -16,6 +16,7 @@ a dataset with no usable image is an error that says why.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,13 @@ class DatasetReport:
 
 def fill_token(text: str, token: str) -> str:
     return text.replace("{token}", token) if token else text
+
+
+def without_token(caption: str, token: str) -> str:
+    """The caption with the token taken out where it stands as a word, and the space before it:
+    "a red sks shape" -> "a red shape", "sks" -> "". What `[filewords]` class prompts and the
+    token contrast's captions are made of."""
+    return re.sub(rf"\s*(?<!\S){re.escape(token)}(?!\S)", "", caption).strip()
 
 
 def centre_crop_resize(image: Image.Image, size: int) -> Image.Image:

@@ -46,7 +46,6 @@ efficacy bars are in benchmarks/training_efficacy.py.
 from __future__ import annotations
 
 from collections.abc import Callable
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +53,7 @@ import numpy as np
 from PIL import Image
 
 from .core import PRIOR_TARGETS, BaseComponents, FineTuner, Phase, load_components
-from .data import IMAGE_SUFFIXES, Example, centre_crop_resize, dataset_captions, load_dataset, pixels_of
+from .data import IMAGE_SUFFIXES, Example, centre_crop_resize, dataset_captions, load_dataset, pixels_of, without_token
 from .lora_trainer import LoraTrainConfig, add_lora, optim_config
 from .text_prior import text_prior_of
 
@@ -72,6 +71,9 @@ class DreamBoothConfig(LoraTrainConfig):
     class_seed: int = 10_000
     extra_class_prompts: tuple[str, ...] = ()  # class prompts beside class_prompt
     prior_target: str = "noise"  # core.PRIOR_TARGETS
+    # The token contrast (core.FineTuner): the instance images read without the token held to
+    # the base model's prediction, at this weight; 0 is off. Needs `token`.
+    token_contrast_weight: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -88,6 +90,10 @@ def validate_class_fields(cfg) -> None:
     """The class fields' checks, for DreamBoothConfig and PivotalTuningConfig alike."""
     if cfg.prior_target not in PRIOR_TARGETS:
         raise ValueError(f"prior_target must be one of {', '.join(PRIOR_TARGETS)}, got {cfg.prior_target!r}")
+    if cfg.token_contrast_weight < 0:
+        raise ValueError(f"token_contrast_weight must be >= 0, got {cfg.token_contrast_weight}")
+    if cfg.token_contrast_weight > 0 and not cfg.token:
+        raise ValueError("the token contrast needs the instance token, to take it out of the captions")
     if cfg.prior_loss_weight <= 0:
         return
     if not ((cfg.class_prompt or cfg.extra_class_prompts) and cfg.class_dir):
@@ -111,9 +117,8 @@ def class_prompts(cfg: DreamBoothConfig) -> list[str]:
     (without the token) when it holds `[filewords]`; then extra_class_prompts."""
     prompts = [cfg.class_prompt] if cfg.class_prompt else []
     if FILEWORDS in cfg.class_prompt:  # a caption that is the token alone gives "" (unconditional)
-        token = re.compile(rf"\s*(?<!\S){re.escape(cfg.token)}(?!\S)")
         captions = dataset_captions(Path(cfg.dataset), default_caption=cfg.instance_prompt, token=cfg.token)
-        prompts = [cfg.class_prompt.replace(FILEWORDS, token.sub("", caption).strip()) for caption in captions]
+        prompts = [cfg.class_prompt.replace(FILEWORDS, without_token(caption, cfg.token)) for caption in captions]
     return distinct_prompts([*prompts, *cfg.extra_class_prompts])
 
 
@@ -181,6 +186,11 @@ def load_class_examples(cfg, resolution: int) -> list[Example]:
     return examples
 
 
+def contrast_captions_of(cfg, examples: list[Example]) -> list[str] | None:
+    """The token contrast's captions: each instance caption without the token (None when off)."""
+    return [without_token(e.caption, cfg.token) for e in examples] if cfg.token_contrast_weight > 0 else None
+
+
 def build(cfg: DreamBoothConfig, parts: BaseComponents | None = None) -> FineTuner:
     cfg.validate()
     parts = parts or load_components(cfg.model_dir)
@@ -200,6 +210,8 @@ def build(cfg: DreamBoothConfig, parts: BaseComponents | None = None) -> FineTun
         class_examples=class_examples,
         prior_loss_weight=cfg.prior_loss_weight,
         prior_target=cfg.prior_target,
+        contrast_captions=contrast_captions_of(cfg, data.examples),
+        token_contrast_weight=cfg.token_contrast_weight,
         masked_loss=cfg.masked_loss,
         trainable_modules=modules,
         text_prior=text_prior_of(cfg, parts),

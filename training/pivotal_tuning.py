@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .core import BaseComponents, FineTuner, Phase, load_components
-from .dreambooth import load_class_examples, validate_class_fields
+from .dreambooth import contrast_captions_of, load_class_examples, validate_class_fields
 from .lora_trainer import LoraTrainConfig, add_lora, optim_config
 from .text_prior import text_prior_of
 from .textual_inversion import add_token, load_token_dataset
@@ -52,6 +52,7 @@ class PivotalTuningConfig(LoraTrainConfig):
     class_seed: int = 10_000
     extra_class_prompts: tuple[str, ...] = ()
     prior_target: str = "noise"
+    token_contrast_weight: float = 0.0  # see dreambooth.py; the token is `token`
     # The LoRA trains in the embedding phase too (diffusers' order), not only after it (lora_pti's).
     train_lora_with_embedding: bool = False
 
@@ -90,7 +91,8 @@ def build(cfg: PivotalTuningConfig, parts: BaseComponents | None = None) -> Fine
     class_examples = load_class_examples(cfg, parts.resolution) if cfg.prior_loss_weight > 0 else None
     tuner = FineTuner(
         parts, data.examples, phases, optim, class_examples=class_examples, prior_loss_weight=cfg.prior_loss_weight,
-        prior_target=cfg.prior_target, masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings, text_prior=text_prior_of(cfg, parts),
+        prior_target=cfg.prior_target, contrast_captions=contrast_captions_of(cfg, data.examples), token_contrast_weight=cfg.token_contrast_weight,
+        masked_loss=cfg.masked_loss, trainable_modules=modules, embeddings=embeddings, text_prior=text_prior_of(cfg, parts),
     )  # fmt: skip
     tuner.skipped = data.skipped
     return tuner

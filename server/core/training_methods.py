@@ -57,6 +57,7 @@ class TrainingSpec:
     num_class_images: int = 0
     prior_loss_weight: float | None = None
     prior_target: str = ""  # "": the trainer's default (noise)
+    token_contrast_weight: float | None = None  # None: off
     # textual inversion / pivotal tuning
     token: str = ""
     initializer_token: str = ""
@@ -142,6 +143,14 @@ def validate_spec(spec: TrainingSpec) -> None:
     if spec.prior_target and not spec.uses_prior_preservation:
         raise InvalidArgument("dreambooth.prior_target", "only acts with prior preservation on (a class prompt, prior_loss_weight > 0)")
     _validate_class_prompts(spec)
+    if spec.token_contrast_weight is not None:
+        field = "dreambooth.token_contrast_weight"
+        if spec.method not in PRIOR_METHODS:
+            raise InvalidArgument(field, f"only {' and '.join(PRIOR_METHODS)} bind an instance token")
+        if spec.token_contrast_weight < 0:
+            raise InvalidArgument(field, f"must be >= 0, got {spec.token_contrast_weight}")
+        if spec.token_contrast_weight > 0 and not spec.token:
+            raise InvalidArgument(field, "needs the instance token (textual_inversion.token, e.g. 'sks'), to take it out of the captions")
     if spec.method == "dreambooth_lora" and not spec.instance_prompt:
         raise InvalidArgument("instance_prompt", "DreamBooth needs the prompt that binds the instance, e.g. 'a sks shape'")
     if spec.method in ("textual_inversion", "pivotal_tuning"):
@@ -190,6 +199,7 @@ def _prior_fields(spec: TrainingSpec, job_dir: Path) -> dict:
         num_class_images=spec.num_class_images,  # 0: the trainer's default (50, or one per class prompt)
         prior_loss_weight=(spec.prior_loss_weight if spec.prior_loss_weight is not None else 1.0) if spec.has_class_prompts else 0.0,
         prior_target=spec.prior_target or "noise",
+        token_contrast_weight=spec.token_contrast_weight or 0.0,
     )
 
 

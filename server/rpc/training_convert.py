@@ -62,6 +62,7 @@ def training_spec(request: pb.StartTrainingRequest) -> TrainingSpec:
         num_class_images=db.num_class_images,
         prior_loss_weight=_opt(db, "prior_loss_weight"),
         prior_target=db.prior_target,
+        token_contrast_weight=_opt(db, "token_contrast_weight"),
         token=ti.token,
         initializer_token=ti.initializer_token,
         num_vectors=ti.num_vectors,

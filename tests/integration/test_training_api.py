@@ -212,18 +212,18 @@ def test_bad_options_name_the_field(served, tmp_path):
 def test_extra_class_prompts_get_their_own_class_images(served, tmp_path):
     """dreambooth.extra_class_prompts: the server draws class images for each of them beside
     class_prompt's, and each image keeps its prompt; the job trains (here with the base model's
-    prediction as the class images' target) and registers its adapter."""
+    prediction as the class images' target, and the token contrast) and registers its adapter."""
     _, client, data = served
     write_shapes(data / "datasets" / "extra-stars", [("star", "red"), ("star", "blue")], ["a red sks shape", "a blue sks shape"])
     job_id = client.start_training(
         "dreambooth_lora", dataset="extra-stars", adapter_name="db-extra", instance_prompt="a sks shape", class_prompt="a shape",
         extra_class_prompts=["a red circle on a white background", "a blue square"], num_class_images=3, num_steps=2,
-        batch_size=1, rank=1, seed=3, prior_target="base_model",
+        batch_size=1, rank=1, seed=3, prior_target="base_model", token="sks", token_contrast_weight=2.0, train_text_encoder=True,
     )  # fmt: skip
     final = list(client.watch_job(job_id, timeout=300))[-1]
     assert isinstance(final, JobStatus) and final.state == "succeeded", final
     record = json.loads((data / "training" / "jobs" / job_id / "job.json").read_text())
-    assert record["spec"]["prior_target"] == "base_model"
+    assert record["spec"]["prior_target"] == "base_model" and record["spec"]["token_contrast_weight"] == 2.0
     class_dir = data / "training" / "jobs" / job_id / "class_images"
     assert sorted(p.read_text() for p in class_dir.glob("class_[0-9]*.txt")) == ["a blue square", "a red circle on a white background", "a shape"]
     assert "db-extra" in [a.name for a in client.list_adapters()]
@@ -256,15 +256,32 @@ def test_cli_reads_extra_class_prompts_from_a_file_and_the_option(served, tmp_pa
         (dict(extra_class_prompts=["a circle", "a square"], num_class_images=2), "dreambooth.num_class_images: 2 is fewer than the 3 class prompts"),
         (dict(prior_target="teacher"), "dreambooth.prior_target: must be one of noise, base_model, got 'teacher'"),
         (dict(prior_target="base_model", prior_loss_weight=0.0), "dreambooth.prior_target: only acts with prior preservation on"),
+        (dict(token_contrast_weight=-1.0), "dreambooth.token_contrast_weight: must be >= 0, got -1.0"),
+        (dict(token_contrast_weight=1.0, token=""), r"dreambooth.token_contrast_weight: needs the instance token \(textual_inversion.token"),
     ],
 )
-def test_extra_class_prompts_are_checked_by_field(served, options, message):
+def test_prior_options_are_checked_by_field(served, options, message):
     _, client, data = served
     write_shapes(data / "datasets" / "extra-plain", [("star", "red")])
     with pytest.raises(InvalidArgumentError, match=message):
-        client.start_training("dreambooth_lora", dataset="extra-plain", adapter_name="e1", instance_prompt="a sks shape", class_prompt="a shape", token="sks", **options)
+        client.start_training("dreambooth_lora", dataset="extra-plain", adapter_name="e1", instance_prompt="a sks shape", class_prompt="a shape", **{"token": "sks", **options})
     with pytest.raises(InvalidArgumentError, match="dreambooth.extra_class_prompts: only dreambooth_lora and pivotal_tuning"):
         client.start_training("lora", dataset="extra-plain", adapter_name="e2", instance_prompt="a shape", extra_class_prompts=["a circle"])
+    with pytest.raises(InvalidArgumentError, match="dreambooth.token_contrast_weight: only dreambooth_lora and pivotal_tuning"):
+        client.start_training("lora", dataset="extra-plain", adapter_name="e3", instance_prompt="a sks shape", token="sks", token_contrast_weight=1.0)
+
+
+def test_token_contrast_job_fails_naming_a_caption_without_the_token(served):
+    """The token contrast reads each caption without the token; a caption that has none would
+    ask the same prompt for the instance and for the base image, so the job fails and says which."""
+    _, client, data = served
+    write_shapes(data / "datasets" / "contrast-mixed", [("star", "red"), ("star", "blue")], ["a red sks shape", "a blue star"])
+    job_id = client.start_training(
+        "dreambooth_lora", dataset="contrast-mixed", adapter_name="contrast-mixed", instance_prompt="a sks shape", token="sks",
+        token_contrast_weight=1.0, num_steps=1, batch_size=1, rank=1,
+    )  # fmt: skip
+    final = list(client.watch_job(job_id, timeout=300))[-1]
+    assert final.state == "failed" and "needs the token in every instance caption" in final.message and "001.png" in final.message, final
 
 
 def test_cli_train_with_upload_and_progress_bar(served, tmp_path, capsys):

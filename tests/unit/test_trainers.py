@@ -165,6 +165,49 @@ def test_prior_target_base_model_holds_the_class_half_to_the_base_prediction(tmp
         dreambooth.DreamBoothConfig(**{**lora_config().__dict__, "instance_prompt": "a sks shape"}, prior_target="teacher").validate()
 
 
+def test_token_contrast_holds_the_captions_without_the_token_to_the_base_model(tmp_path):
+    """token_contrast_weight: the instance latents, read with the token taken out of their
+    captions ("a red sks shape" -> "a red shape"), are held to the base model's prediction. At
+    the first step the LoRA is inert, so the contrast adds nothing to the loss, whatever its
+    weight; after training, the LoRA has moved the prediction for the captions without the token
+    much less than the same run without the contrast (the instance loss is the same in both)."""
+    noisy, t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([100, 400, 700, 950])
+    stripped = ["a red shape", "a blue shape", "a green shape", "a yellow shape"]
+    base = load_components(tiny_model_dir())
+    ids = base.tokenizer(stripped, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = base.unet(noisy, t, base.text_encoder(ids)[0]).sample
+
+    def run(weight: float, steps: int, **kw):
+        cfg = dreambooth.DreamBoothConfig(
+            **{**lora_config(unet_lr=3e-2, conv=True, num_steps=steps, **kw).__dict__, "instance_prompt": "a sks shape"}, prior_loss_weight=0.0,
+            token_contrast_weight=weight,
+        )  # fmt: skip
+        tuner = dreambooth.build(cfg)
+        losses = [tuner.train_step().loss for _ in range(steps)]
+        with torch.no_grad():
+            drift = (tuner.parts.unet(noisy, t, tuner._encode(stripped, with_grad=False)).sample - expected).pow(2).mean().item()
+        return tuner, losses, drift
+
+    tuner, first, _ = run(5.0, 1)
+    assert sorted(tuner.contrast_captions) == sorted(stripped)
+    assert first[0] == pytest.approx(run(0.0, 1)[1][0], rel=1e-6) == pytest.approx(run(1.0, 1)[1][0], rel=1e-6)
+    _, _, drift_without = run(0.0, 12)
+    _, losses, drift_with = run(5.0, 12)
+    assert all(np.isfinite(losses)) and drift_with < 0.5 * drift_without
+    # With a text-encoder LoRA too (its contrast rows are encoded again with it off).
+    _, losses, drift_te = run(5.0, 4, train_text_encoder=True, text_encoder_lr=1e-2)
+    assert all(np.isfinite(losses)) and drift_te > 0
+
+    with pytest.raises(ValueError, match="needs the instance token"):
+        dreambooth.DreamBoothConfig(**{**lora_config(token="").__dict__, "instance_prompt": "a sks shape"}, token_contrast_weight=1.0).validate()
+    with pytest.raises(ValueError, match="token_contrast_weight must be >= 0"):
+        dreambooth.DreamBoothConfig(**{**lora_config().__dict__, "instance_prompt": "a sks shape"}, token_contrast_weight=-1.0).validate()
+    untokened = write_shapes(tmp_path / "plain", [("star", "red")], ["a red star"])
+    with pytest.raises(ValueError, match="000.png"):
+        dreambooth.build(dreambooth.DreamBoothConfig(**{**lora_config(dataset=str(untokened)).__dict__, "instance_prompt": "a sks shape"}, prior_loss_weight=0.0, token_contrast_weight=1.0))
+
+
 def test_dreambooth_filewords_class_prompts_follow_the_captions(tmp_path):
     """`[filewords]`: one class prompt per instance caption, the token taken out; the class
     images are split between them in blocks, each image keeps its own prompt, and a resumed

@@ -153,6 +153,7 @@ def start_request(
     num_class_images: int = 0,
     prior_loss_weight: float | None = None,
     prior_target: str = "",
+    token_contrast_weight: float | None = None,
     token: str = "",
     initializer_token: str = "",
     num_vectors: int = 0,
@@ -194,6 +195,8 @@ def start_request(
         request.lora.text_encoder_learning_rate = text_encoder_lr
     if prior_loss_weight is not None:
         request.dreambooth.prior_loss_weight = prior_loss_weight
+    if token_contrast_weight is not None:
+        request.dreambooth.token_contrast_weight = token_contrast_weight
     if embedding_lr is not None:
         request.textual_inversion.learning_rate = embedding_lr
     return request
