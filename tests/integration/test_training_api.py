@@ -230,6 +230,7 @@ def test_extra_class_prompts_get_their_own_class_images(served, tmp_path):
 
 
 def test_cli_reads_extra_class_prompts_from_a_file_and_the_option(served, tmp_path, capsys):
+    """The README's DreamBooth command, its prior options included, reaches the job's spec."""
     from impasto.cli import main
 
     server, client, data = served
@@ -238,10 +239,15 @@ def test_cli_reads_extra_class_prompts_from_a_file_and_the_option(served, tmp_pa
     prompts.write_text("# what our users write\na red circle\n\na green cross\n", encoding="utf-8")
     argv = ["train", "dreambooth_lora", "--target", server.target, "--dataset", "cli-extra", "--adapter-name", "cli-extra",
             "--instance-prompt", "a sks shape", "--class-prompt-file", str(prompts), "--extra-class-prompt", "a blue square",
-            "--num-class-images", "3", "--steps", "1", "--batch-size", "1", "--rank", "1", "--detach"]  # fmt: skip
+            "--num-class-images", "3", "--steps", "1", "--batch-size", "1", "--rank", "1", "--detach",
+            "--token", "sks", "--prior-target", "base_model", "--prior-loss-weight", "2", "--token-contrast-weight", "2",
+            "--train-text-encoder", "--text-encoder-lr", "1e-3", "--conv", "--unet-lr", "2e-3"]  # fmt: skip
     assert main(argv) == 0
     job_id = capsys.readouterr().out.strip()
     assert list(client.watch_job(job_id, timeout=300))[-1].state == "succeeded"
+    spec = json.loads((data / "training" / "jobs" / job_id / "job.json").read_text())["spec"]
+    assert (spec["prior_target"], spec["prior_loss_weight"], spec["token_contrast_weight"]) == ("base_model", 2.0, 2.0)
+    assert spec["train_text_encoder"] and spec["conv"] and (spec["text_encoder_lr"], spec["unet_lr"]) == pytest.approx((1e-3, 2e-3))
     class_dir = data / "training" / "jobs" / job_id / "class_images"
     # No class_prompt: the extra prompts alone hold the prior, the option's first.
     assert [p.read_text() for p in sorted(class_dir.glob("class_[0-9]*.txt"))] == ["a blue square", "a red circle", "a green cross"]
