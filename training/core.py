@@ -515,9 +515,12 @@ class FineTuner:
             captions += [self.contrast_captions[i] for i in idx]
         context = self._encode(captions, phase.trains_text_encoder)
         pred = self.parts.unet(noisy, timesteps, context).sample
-        held = bs if self.prior_target == "base_model" else bs + n_class  # rows whose target is the base model's
-        if len(noisy) > held:
-            target = torch.cat([target[:held], self._base_prediction(noisy[held:], timesteps[held:], captions[held:], context[held:])])
+        # Rows [0, noise_rows) keep the added noise as their target; the rest (the class half with
+        # prior_target "base_model", then the contrast rows) are held to the base model's prediction.
+        noise_rows = bs if self.prior_target == "base_model" else bs + n_class
+        if len(noisy) > noise_rows:
+            rest = slice(noise_rows, None)
+            target = torch.cat([target[:noise_rows], self._base_prediction(noisy[rest], timesteps[rest], captions[rest], context[rest])])
 
         loss = self._loss(pred[:bs], target[:bs], timesteps[:bs], self.instance.mask_batch(idx) if self.masked_loss else None)
         if n_class:

@@ -23,9 +23,9 @@ Prior preservation is optional, as in diffusers' advanced DreamBooth-LoRA script
 --train_text_encoder_ti with --with_prior_preservation): the same class fields as DreamBooth
 (class images made by `dreambooth.ensure_class_images`), used in every phase the LoRA trains in.
 With diffusers' settings it drifts less than DreamBooth-LoRA, but still drifts (the first
-figures above, rank 8, LoCon); the token contrast is what holds the rest. With `unet_lora=False` and `train_text_encoder` the LoRA
-goes on the text encoder only, and `text_prior_prompts` (text_prior.py) hold other prompts'
-encodings: the UNet is never touched. On v2 the base classes then stayed at 100%, but the
+figures above, rank 8, LoCon); the token contrast is what holds the rest. With
+`unet_lora=False` and `train_text_encoder` the LoRA goes on the text encoder only, and
+`text_prior_prompts` (text_prior.py) hold other prompts' encodings: the UNet is never touched. On v2 the base classes then stayed at 100%, but the
 untouched UNet drew the token as specks most of the time and a well-formed star 25%, 25%, 6%
 of the time over three training seeds (2026-11-28).
 """
